@@ -1,0 +1,161 @@
+"""The ``neuroscribe`` command line. Each stage's dataclass config becomes its options."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+log = logging.getLogger("neuroscribe")
+
+
+def add_config(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--field-name`` option per dataclass field, documented by the field's help."""
+    group = parser.add_argument_group(f"{cls.__name__} ({(cls.__doc__ or '').strip()})")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if flag in parser._option_string_actions:  # shared by two stages of 'run'
+            continue
+        kind = type(f.default)
+        helptext = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, default=f.default, help=helptext,
+                               action=argparse.BooleanOptionalAction)
+        else:
+            group.add_argument(flag, dest=f.name, type=kind, default=f.default, help=helptext,
+                               metavar=f.name.upper(), choices=f.metadata.get("choices"))
+
+
+def config_from(args: argparse.Namespace, cls: type) -> Any:
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _hookpoints(args: argparse.Namespace) -> None:
+    import fnmatch
+
+    from .models import list_hookpoints, load_subject
+
+    subject = load_subject(args.model)
+    for name in list_hookpoints(subject.model):
+        if fnmatch.fnmatchcase(name, args.filter):
+            print(name)
+
+
+def _record(args: argparse.Namespace) -> None:
+    from .record import RecordConfig, record
+
+    info = record(config_from(args, RecordConfig), Path(args.out), args.resume)
+    print(f"recorded {info['n_tokens']} tokens at {', '.join(info['hookpoints'])} "
+          f"({info['tokens_per_second']:.0f} tok/s) -> {args.out}")
+
+
+def _explain(args: argparse.Namespace) -> None:
+    from .explain import ExplainConfig, explain
+
+    res = explain(config_from(args, ExplainConfig), Path(args.run), args.resume)
+    print(f"explained {res['explained']} units, {res['failed']} failed -> {args.run}")
+
+
+def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    from .results import format_summary
+
+    print(format_summary(summary))
+    print(f"index: {run_dir / 'index.sqlite'}  histogram: {run_dir / 'score_hist.png'}")
+
+
+def _score(args: argparse.Namespace) -> None:
+    from .pipeline import ScoreConfig, score
+
+    _print_summary(Path(args.run), score(config_from(args, ScoreConfig), Path(args.run),
+                                         args.resume))
+
+
+def _run(args: argparse.Namespace) -> None:
+    from .explain import ExplainConfig
+    from .pipeline import ScoreConfig, run
+    from .record import RecordConfig
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    summary = run(config_from(args, RecordConfig), config_from(args, ExplainConfig),
+                  config_from(args, ScoreConfig), out, args.resume)
+    _print_summary(out, summary)
+    print(f"total time: {time.perf_counter() - t0:.0f}s")
+
+
+def _stage_configs() -> dict[str, list[type]]:
+    from .explain import ExplainConfig
+    from .pipeline import ScoreConfig
+    from .record import RecordConfig
+
+    return {"record": [RecordConfig], "explain": [ExplainConfig], "score": [ScoreConfig],
+            "run": [RecordConfig, ExplainConfig, ScoreConfig]}
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
+    "hookpoints": (_hookpoints, "list a model's hookpoints (its module paths)"),
+    "record": (_record, "stream a corpus through a model; keep each unit's exemplars and stats"),
+    "explain": (_explain, "write one explanation per unit from its train records"),
+    "score": (_score, "simulate activations from explanations and score them (OpenAI method)"),
+    "run": (_run, "record, explain and score in one go"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neuroscribe",
+        description="Turn the units of a neural network into words and measure how true they are.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    configs = _stage_configs()
+    for name, (_, helptext) in COMMANDS.items():
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+        p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+        if name == "hookpoints":
+            p.add_argument("model", nargs="?", default="smollm2",
+                           help="model: smollm2, a .gguf file, a folder or a hub id")
+            p.add_argument("--filter", default="*", help="glob over hookpoint names")
+        elif name in ("explain", "score"):
+            p.add_argument("run", help="run folder written by 'record'")
+        else:
+            p.add_argument("--out", required=True, help="run folder to write")
+        if name != "hookpoints":
+            p.add_argument("--resume", action="store_true",
+                           help="continue a run in this folder, skipping finished work")
+        for cls in configs.get(name, []):
+            add_config(p, cls)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(message)s")
+    try:
+        COMMANDS[args.command][0](args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"neuroscribe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("neuroscribe: interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for the user, the traceback under --debug
+        if args.debug:
+            raise
+        print(f"neuroscribe: error: {type(e).__name__}: {e} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Explain: write one sentence per unit from its train records.
+
+``Explainer`` is the interface every explainer implements (the LLM explainers plug in here);
+``TokenStatsExplainer`` is the baseline that needs no LLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import UserError
+from .formats import SPLITS_RANDOM, ActivationRecord, NeuronRecord
+from .runs import claim_stage, opt, parse_units, save_stage, write_json
+from .score import NORMALIZATIONS, max_activation, normalize_activations
+
+log = logging.getLogger("neuroscribe")
+
+
+class ExplanationError(Exception):
+    """An explainer could not produce a usable explanation; the message is the reason."""
+
+
+@dataclass
+class ExplainConfig:
+    """How to explain units."""
+
+    explainer: str = opt("tokens", "explainer: tokens (token statistics, no LLM)")
+    units: str = opt("first:100", "units to explain per hookpoint: all, first:N, "
+                     "random:N[:SEED], or ranges like 0-49,100")
+    normalization: str = opt("floor", "activation normalisation to 0-10: floor (OpenAI) or "
+                             "ceil (delphi)", choices=NORMALIZATIONS)
+    active_level: int = opt(5, "normalised level (0-10) at which a token counts as active")
+    max_terms: int = opt(5, "most tokens named in one explanation")
+    n_per_split: int = opt(0, "records per split (0: all recorded, split evenly)")
+
+
+class Explainer(Protocol):
+    """Writes candidate explanations for one unit from its train records."""
+
+    async def explain(
+        self, train: Sequence[ActivationRecord], background: Sequence[ActivationRecord]
+    ) -> list[str]:
+        """Candidate explanations; raises ExplanationError with the reason on failure."""
+        ...
+
+
+def _template() -> dict[str, str]:
+    text = resources.files("neuroscribe").joinpath("data/baseline_explanation.json").read_text()
+    return json.loads(text)
+
+
+def _norm(token: str) -> str:
+    return token.strip().lower()
+
+
+def quote_terms(terms: Sequence[str]) -> str:
+    return ", ".join(json.dumps(t, ensure_ascii=False) for t in terms)
+
+
+class TokenStatsExplainer:
+    """Names the tokens (and preceding tokens) most enriched at active positions.
+
+    A token's weight is ``count_active * log(p_active / p_background)`` with add-one
+    smoothing; background is every position of the background records (random records from
+    the calibration split) plus the train records' inactive positions.
+    """
+
+    def __init__(self, cfg: ExplainConfig) -> None:
+        self.cfg = cfg
+        self.template = _template()
+
+    def _enriched(self, active: Counter[str], background: Counter[str]) -> list[tuple[str, float]]:
+        n_a, n_b = sum(active.values()), sum(background.values())
+        vocab = len(set(active) | set(background)) + 1
+        out = []
+        for term, c in active.items():
+            p_a = (c + 1) / (n_a + vocab)
+            p_b = (background[term] + 1) / (n_b + vocab)
+            if p_a > p_b:
+                out.append((term, c * math.log(p_a / p_b)))
+        return sorted(out, key=lambda x: (-x[1], x[0]))
+
+    async def explain(
+        self, train: Sequence[ActivationRecord], background: Sequence[ActivationRecord]
+    ) -> list[str]:
+        top = max_activation(train)
+        if top <= 0:
+            raise ExplanationError("the unit never activates above 0 on its train records")
+        active, prev_active, bg, prev_bg = Counter(), Counter(), Counter(), Counter()
+        for rec in train:
+            levels = normalize_activations(rec.activations, top, self.cfg.normalization)
+            for i, (tok, lvl) in enumerate(zip(rec.tokens, levels)):
+                prev = _norm(rec.tokens[i - 1]) if i else ""
+                if lvl >= self.cfg.active_level:
+                    active[_norm(tok)] += 1
+                    prev_active[prev] += 1
+                else:
+                    bg[_norm(tok)] += 1
+                    prev_bg[prev] += 1
+        for rec in background:
+            bg.update(_norm(t) for t in rec.tokens)
+            prev_bg.update([""] + [_norm(t) for t in rec.tokens[:-1]])
+        terms = [t for t, _ in self._enriched(active, bg) if t][: self.cfg.max_terms]
+        if not terms:
+            return [self.template["none"]]
+        sentence = self.template["tokens"].format(terms=quote_terms(terms))
+        prev = [t for t, _ in self._enriched(prev_active, prev_bg) if t]
+        if prev and prev_active[prev[0]] >= 0.4 * sum(active.values()):
+            sentence += self.template["after"].format(prev=quote_terms(prev[:1]))
+        return [sentence]
+
+
+EXPLAINERS: dict[str, type] = {"tokens": TokenStatsExplainer}
+
+
+def make_explainer(cfg: ExplainConfig) -> Explainer:
+    if cfg.explainer not in EXPLAINERS:
+        raise UserError(f"unknown explainer {cfg.explainer!r}; have {sorted(EXPLAINERS)}")
+    return EXPLAINERS[cfg.explainer](cfg)
+
+
+def explanation_path(run_dir: Path, hookpoint: str, unit: int) -> Path:
+    return run_dir / "explanations" / hookpoint.replace(":", "__") / f"{unit}.json"
+
+
+def split_records(nr: NeuronRecord, name: str, n_per_split: int) -> list[ActivationRecord]:
+    return nr.split(name, n_per_split or None)
+
+
+def explain(cfg: ExplainConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Explain the chosen units of every recorded hookpoint; one JSON file per unit."""
+    from tqdm import tqdm
+
+    from .record import RecordStore
+
+    store = RecordStore(run_dir)
+    if cfg.normalization not in NORMALIZATIONS:
+        raise UserError(f"--normalization must be one of {NORMALIZATIONS}")
+    claim_stage(run_dir, "explain", cfg, resume)
+    explainer = make_explainer(cfg)
+    todo = [(hp, u) for hp in store.hookpoints for u in parse_units(cfg.units, store.units[hp])]
+    done = failed = 0
+    for hp, unit in tqdm(todo, desc="explain", unit="unit", disable=None):
+        path = explanation_path(run_dir, hp, unit)
+        if resume and path.exists() and "explanation" in json.loads(path.read_text()):
+            done += 1
+            continue
+        nr = store.neuron_record(hp, unit)
+        train = split_records(nr, "train", cfg.n_per_split)
+        background = nr.random_split(SPLITS_RANDOM[0], cfg.n_per_split or None)
+        entry: dict[str, Any] = {"hookpoint": hp, "unit": unit, "explainer": cfg.explainer}
+        try:
+            candidates = asyncio.run(explainer.explain(train, background))
+            entry.update(explanation=candidates[0], candidates=candidates)
+            done += 1
+        except ExplanationError as e:
+            entry["failure"] = str(e)
+            failed += 1
+        write_json(path, entry)
+    save_stage(run_dir, "explain", cfg, complete=True, explained=done, failed=failed)
+    log.info("explain: %d explained, %d failed", done, failed)
+    return {"explained": done, "failed": failed}

