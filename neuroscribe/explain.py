@@ -148,6 +148,8 @@ def explain(cfg: ExplainConfig, run_dir: Path, resume: bool = False) -> dict[str
     claim_stage(run_dir, "explain", cfg, resume)
     explainer = make_explainer(cfg)
     todo = [(hp, u) for hp in store.hookpoints for u in parse_units(cfg.units, store.units[hp])]
+    # Saved before the first unit, so an interrupted stage still guards its config.
+    save_stage(run_dir, "explain", cfg, complete=False)
     done = failed = 0
     for hp, unit in tqdm(todo, desc="explain", unit="unit", disable=None):
         path = explanation_path(run_dir, hp, unit)

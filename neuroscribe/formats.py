@@ -143,10 +143,10 @@ def to_jsonable(obj: Any) -> Any:
         return obj.value
     if isinstance(obj, (list, tuple)):
         return [to_jsonable(x) for x in obj]
+    if hasattr(obj, "item"):  # numpy / torch scalars: a float32 NaN must become null too
+        return to_jsonable(obj.item())
     if isinstance(obj, float) and not math.isfinite(obj):
         return None  # as orjson writes NaN and Inf
-    if hasattr(obj, "item"):  # numpy / torch scalars
-        return obj.item()
     return obj
 
 

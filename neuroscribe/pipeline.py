@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
 from .explain import ExplainConfig, explain
 from .formats import NeuronSimulationResults, ScoredExplanation, dumps
 from .record import RecordConfig, RecordStore, record
@@ -82,6 +83,8 @@ def score(cfg: ScoreConfig, run_dir: Path, resume: bool = False) -> dict[str, An
     claim_stage(run_dir, "score", cfg, resume)
     sim = make_simulator(cfg)
     todo = sorted((run_dir / "explanations").glob("*/*.json"))
+    # Saved before the first unit, so an interrupted stage still guards its config.
+    save_stage(run_dir, "score", cfg, complete=False)
     scored = skipped = 0
     for path in tqdm(todo, desc="score", unit="unit", disable=None):
         entry = json.loads(path.read_text())
@@ -108,6 +111,14 @@ def score(cfg: ScoreConfig, run_dir: Path, resume: bool = False) -> dict[str, An
 
 def run(rc: RecordConfig, ec: ExplainConfig, sc: ScoreConfig, run_dir: Path,
         resume: bool = False) -> dict[str, Any]:
+    from .explain import EXPLAINERS
+    from .simulate import SIMULATORS
+
+    # Fail on a bad name before the slow stages, not after them.
+    for name, known, flag in ((ec.explainer, EXPLAINERS, "explainer"),
+                              (sc.simulator, SIMULATORS, "simulator")):
+        if name not in known:
+            raise UserError(f"unknown {flag} {name!r}; have {sorted(known)}")
     record(rc, run_dir, resume)
     explain(ec, run_dir, resume)
     return score(sc, run_dir, resume)

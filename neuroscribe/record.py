@@ -20,6 +20,7 @@ import numpy as np
 from .errors import UserError
 from .formats import ActivationRecord, NeuronId, NeuronRecord
 from .runs import atomic_path, claim_stage, opt, save_stage, write_json
+from .stats import Moments, TopK, scratch, take_slots
 
 log = logging.getLogger("neuroscribe")
 QUANTILES = (0.0, 0.5, 0.9, 0.99, 0.999)  # OpenAI's bins: 0-0.5, 0.5-0.9, 0.9-0.99, 0.99-0.999
@@ -50,113 +51,38 @@ class RecordConfig:
     dtype: str = opt("float32", "model dtype: float32, bfloat16, float16")
 
 
-class TopK:
-    """Per-unit streaming top-k of contexts by a score, with their tokens and activations.
+class UnitRecorder:
+    """All per-unit state for one hookpoint; ``update`` takes one batch of activations.
 
-    Slots are overwritten in place: a batch only writes the (unit, slot) pairs whose context
-    entered the top-k, so the cost per batch is a top-k over [units, k + batch] scores.
+    Per batch this costs a few whole-batch passes (float64 moments, context maxima, histogram
+    bins) plus top-k merges over [units, k + batch] scores: well under a tenth of the forward
+    pass of a small model (see bench/record.py).
     """
 
-    def __init__(self, n_units: int, k: int, ctx_len: int) -> None:
-        import torch
-
-        self.k = k
-        self.scores = torch.full((n_units, k), -math.inf)
-        self.ctx = torch.full((n_units, k), -1, dtype=torch.int64)
-        self.acts = torch.zeros((n_units, k, ctx_len))
-        self.tokens = torch.zeros((n_units, k, ctx_len), dtype=torch.int32)
-
-    def update(self, scores: Any, acts: Any, tokens: Any, ctx: Any) -> None:
-        """scores [B, U], acts [B, T, U], tokens [B, T], ctx [B]."""
-        import torch
-
-        if self.k == 0:
-            return
-        merged = torch.cat([self.scores, scores.T], dim=1)
-        keep = torch.zeros_like(merged, dtype=torch.bool)
-        keep.scatter_(1, merged.topk(self.k, dim=1).indices, True)
-        new_u, new_b = keep[:, self.k:].nonzero(as_tuple=True)
-        if new_u.numel() == 0:
-            return
-        # Vacated slots and incoming contexts come out grouped by unit with equal counts.
-        vac_u, vac_k = (~keep[:, : self.k]).nonzero(as_tuple=True)
-        self.scores[vac_u, vac_k] = scores[new_b, new_u]
-        self.ctx[vac_u, vac_k] = ctx[new_b]
-        self.acts[vac_u, vac_k] = acts[new_b, :, new_u]
-        self.tokens[vac_u, vac_k] = tokens[new_b]
-
-    def finished(self, prefix: str) -> dict[str, Any]:
-        """Slots sorted by score, best first; empty slots have ctx -1."""
-        import torch
-
-        order = self.scores.argsort(dim=1, descending=True)
-        ctx = self.ctx.gather(1, order)
-        ctx[self.scores.gather(1, order) == -math.inf] = -1
-        idx = order[..., None].expand_as(self.acts)
-        return {f"{prefix}_ctx": ctx, f"{prefix}_acts": self.acts.gather(1, idx),
-                f"{prefix}_tokens": self.tokens.gather(1, idx.to(torch.int64))}
-
-
-class Moments:
-    """Streaming mean, variance, skewness and kurtosis per unit (Pebay's pairwise update)."""
-
-    def __init__(self, n_units: int) -> None:
-        self.n = 0
-        self.mean = np.zeros(n_units)
-        self.m2 = np.zeros(n_units)
-        self.m3 = np.zeros(n_units)
-        self.m4 = np.zeros(n_units)
-
-    def update(self, x: np.ndarray) -> None:
-        """x [N, U] (float64)."""
-        nb = x.shape[0]
-        mb = x.mean(0)
-        d = x - mb
-        d2 = d * d
-        m2b, m3b, m4b = d2.sum(0), (d2 * d).sum(0), (d2 * d2).sum(0)
-        na, n = self.n, self.n + nb
-        delta = mb - self.mean
-        m2a, m3a = self.m2, self.m3
-        self.m4 = (self.m4 + m4b + delta**4 * na * nb * (na * na - na * nb + nb * nb) / n**3
-                   + 6 * delta**2 * (na * na * m2b + nb * nb * m2a) / n**2
-                   + 4 * delta * (na * m3b - nb * m3a) / n)
-        self.m3 = (m3a + m3b + delta**3 * na * nb * (na - nb) / n**2
-                   + 3 * delta * (na * m2b - nb * m2a) / n)
-        self.m2 = m2a + m2b + delta**2 * na * nb / n
-        self.mean = self.mean + delta * nb / n
-        self.n = n
-
-    def finished(self) -> dict[str, np.ndarray]:
-        """Population variance, skewness and excess kurtosis (scipy's bias=True defaults)."""
-        n = max(self.n, 1)
-        var = self.m2 / n
-        with np.errstate(divide="ignore", invalid="ignore"):
-            skew = np.where(var > 0, (self.m3 / n) / var**1.5, np.nan)
-            kurt = np.where(var > 0, (self.m4 / n) / var**2 - 3.0, np.nan)
-        return {"mean": self.mean, "variance": var, "skewness": skew, "kurtosis": kurt}
-
-
-class UnitRecorder:
-    """All per-unit state for one hookpoint; ``update`` takes one batch of activations."""
-
     def __init__(self, hookpoint: str, n_units: int, cfg: RecordConfig, gen: Any) -> None:
+        import torch
+
         self.hookpoint, self.n_units, self.cfg, self.gen = hookpoint, n_units, cfg, gen
         self.top = TopK(n_units, cfg.n_top, cfg.ctx_len)
         # Kept n_top larger, so the random sample can exclude top contexts and stay disjoint.
         self.random = TopK(n_units, cfg.n_random + cfg.n_top, cfg.ctx_len)
-        self.bins = [TopK(n_units, cfg.n_quantile, cfg.ctx_len) for _ in QUANTILES[:-1]]
+        # One store, one group per quantile bin: a context's key competes only in its bin.
+        self.bins = TopK(n_units, cfg.n_quantile, cfg.ctx_len, groups=len(QUANTILES) - 1)
         self.moments = Moments(n_units)
-        self.warm: list[tuple[Any, Any, Any, Any]] = []
+        self.warm: list[tuple[Any, Any, Any, Any, Any]] = []
         self.n_warm = 0
         self.boundaries: Any = None  # [U, len(QUANTILES)]
         self.hist_edges: Any = None  # [U, bins + 1]
-        self.hist = np.zeros((n_units, cfg.n_hist_bins), dtype=np.int64)
+        self.hist = torch.zeros((n_units, cfg.n_hist_bins), dtype=torch.int64)
+        self._hist_offsets = torch.arange(n_units, dtype=torch.int32) * cfg.n_hist_bins
+        self._bufs: dict[str, Any] = {}  # scratch buffers, reused batch after batch
 
     def update(self, acts: Any, tokens: Any, ctx: Any) -> None:
         import torch
 
         acts = acts.detach().to("cpu", torch.float32)
-        if not torch.isfinite(acts).all():
+        sums = self.moments.batch(acts.reshape(-1, self.n_units))
+        if not np.isfinite(sums[1]).all():  # any NaN/Inf makes its unit's batch mean non-finite
             bad = (~torch.isfinite(acts)).nonzero()[0].tolist()
             raise UserError(f"non-finite activation (NaN/Inf) at {self.hookpoint} unit {bad[2]}, "
                             f"context {int(ctx[bad[0]])}, position {bad[1]}")
@@ -164,9 +90,9 @@ class UnitRecorder:
         self.top.update(ctx_max, acts, tokens, ctx)
         keys = torch.rand(ctx_max.shape, generator=self.gen)
         self.random.update(keys, acts, tokens, ctx)
-        self.moments.update(acts.reshape(-1, self.n_units).double().numpy())
+        self.moments.merge(*sums)
         if self.boundaries is None:
-            self.warm.append((acts, tokens, ctx, keys))
+            self.warm.append((acts, tokens, ctx, ctx_max, keys))
             self.n_warm += acts.shape[0]
             if self.n_warm >= self.cfg.quantile_warmup:
                 self._fix_boundaries()
@@ -178,7 +104,7 @@ class UnitRecorder:
 
         if not self.warm:
             return
-        maxima = torch.cat([w[0].amax(dim=1) for w in self.warm])  # [N, U]
+        maxima = torch.cat([w[3] for w in self.warm])  # [N, U]
         q = torch.tensor(QUANTILES, dtype=torch.float64)
         self.boundaries = torch.quantile(maxima.double(), q, dim=0).T.float()  # [U, Q]
         lo = torch.cat([w[0].amin(dim=(0, 1))[None] for w in self.warm]).amin(0)
@@ -187,24 +113,33 @@ class UnitRecorder:
         self.hist_edges = torch.stack([torch.linspace(a, b, self.cfg.n_hist_bins + 1)
                                        for a, b in zip(lo.tolist(), hi.tolist())])
         warm, self.warm = self.warm, []
-        for acts, tokens, ctx, keys in warm:
-            self._binned(acts, tokens, ctx, acts.amax(dim=1), keys)
+        for w in warm:
+            self._binned(*w)
 
     def _binned(self, acts: Any, tokens: Any, ctx: Any, ctx_max: Any, keys: Any) -> None:
+        """Quantile-bin samples and histogram: the work that needs the warm-up's boundaries."""
         import torch
 
-        b = self.boundaries
-        for i, store in enumerate(self.bins):
-            inside = (ctx_max >= b[:, i]) & (ctx_max < b[:, i + 1])
-            store.update(torch.where(inside, keys, -math.inf), acts, tokens, ctx)
-        # Histogram: values outside the warm-up range go to the end bins.
+        b = self.boundaries.T[:, :, None]  # [Q, U, 1]
+        cm, n_bins = ctx_max.T, len(QUANTILES) - 1  # [U, B]
+        inside = (cm >= b[:-1]) & (cm < b[1:])  # [bins, U, B]
+        scores = torch.where(inside, keys.T, -math.inf)
+        self.bins.update_rows(scores.reshape(n_bins * self.n_units, -1), acts, tokens, ctx)
+        self._histogram(acts.reshape(-1, self.n_units))
+
+    def _histogram(self, x: Any) -> None:
+        """Count x [N, U] into the bins; values outside the warm-up range go to the end bins."""
+        import torch
+
         lo, hi = self.hist_edges[:, 0], self.hist_edges[:, -1]
         nb = self.cfg.n_hist_bins
-        x = acts.reshape(-1, self.n_units)
-        idx = ((x - lo) / (hi - lo) * nb).floor().clamp_(0, nb - 1).long()
-        idx += torch.arange(self.n_units) * nb
-        self.hist += torch.bincount(idx.reshape(-1), minlength=self.n_units * nb).view(
-            self.n_units, nb).numpy()
+        pos = torch.sub(x, lo, out=scratch(self._bufs, "pos", x.shape, torch.float32))
+        pos.div_(hi - lo).mul_(nb).clamp_(0, nb - 1)
+        # Clamping before the int conversion (which truncates) is flooring, then clamping.
+        idx = scratch(self._bufs, "idx", x.shape, torch.int32).copy_(pos)
+        idx += self._hist_offsets  # unit u counts into bins [u * nb, (u + 1) * nb)
+        self.hist += torch.bincount(idx.view(-1), minlength=self.n_units * nb).view(
+            self.n_units, nb)
 
     def finished(self) -> dict[str, Any]:
         import torch
@@ -219,17 +154,14 @@ class UnitRecorder:
         order = torch.sort(clash.to(torch.int8), dim=1, stable=True).indices[:, : self.cfg.n_random]
         rnd_ctx = rnd["random_ctx"].gather(1, order)
         rnd_ctx[clash.gather(1, order)] = -1
-        idx = order[..., None].expand(-1, -1, self.cfg.ctx_len)
-        out.update(random_ctx=rnd_ctx, random_acts=rnd["random_acts"].gather(1, idx),
-                   random_tokens=rnd["random_tokens"].gather(1, idx))
-        for i, store in enumerate(self.bins):
-            for k, v in store.finished(f"q{i}").items():
-                out[k] = v
+        out.update(random_ctx=rnd_ctx, random_acts=take_slots(rnd["random_acts"], order),
+                   random_tokens=take_slots(rnd["random_tokens"], order))
+        out.update(self.bins.finished(*(f"q{i}" for i in range(len(QUANTILES) - 1))))
         out.update({k: torch.from_numpy(v.astype(np.float32))
                     for k, v in self.moments.finished().items()})
-        out["quantile_boundaries"] = self.boundaries.contiguous()
-        out["hist_edges"] = self.hist_edges.contiguous()
-        out["hist_counts"] = torch.from_numpy(self.hist)
+        out["quantile_boundaries"] = self.boundaries
+        out["hist_edges"] = self.hist_edges
+        out["hist_counts"] = self.hist
         return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -278,8 +210,13 @@ def record(cfg: RecordConfig, run_dir: Path, resume: bool = False) -> dict[str, 
         for batch in _batches(cfg, subject.tokenizer):
             ids = torch.tensor(batch, device=cfg.device)
             ctx = torch.arange(n_ctx, n_ctx + len(batch))
-            for hp, acts in run_to_hooks(subject.model, ids, store).items():
-                if acts.dim() != 3:
+            acts_by_hp = run_to_hooks(subject.model, ids, store)
+            missing = [hp for hp in hookpoints if hp not in acts_by_hp]
+            if missing:
+                raise UserError(f"hookpoint {missing[0]} never ran in the forward pass "
+                                "(a module this model skips); pick another")
+            for hp, acts in acts_by_hp.items():
+                if acts.dim() != 3 or tuple(acts.shape[:2]) != tuple(ids.shape):
                     raise UserError(f"hookpoint {hp} gives shape {tuple(acts.shape)}, "
                                     "not [batch, seq, units]")
                 if hp not in recorders:
@@ -295,7 +232,8 @@ def record(cfg: RecordConfig, run_dir: Path, resume: bool = False) -> dict[str, 
     units = {}
     for hp, rec in recorders.items():
         meta = {"hookpoint": hp, "layer_index": str(layer_index(hp)), "ctx_len": str(cfg.ctx_len)}
-        with atomic_path(store_path(run_dir, hp)) as tmp:
+        # The recorders' tensors are inference tensors: finish them in inference mode.
+        with atomic_path(store_path(run_dir, hp)) as tmp, torch.inference_mode():
             save_file(rec.finished(), str(tmp), metadata=meta)
         units[hp] = rec.n_units
     write_json(run_dir / "vocab.json", subject.token_strings())

@@ -47,7 +47,10 @@ def index_run(run_dir: Path) -> Path:
         for hp in store.hookpoints:
             with safe_open(str(store_path(run_dir, hp)), framework="np") as f:
                 stats = {k: f.get_tensor(k) for k in ("mean", "variance", "skewness", "kurtosis")}
-                top = f.get_tensor("top_acts").max(axis=(1, 2))
+                # Empty slots (ctx -1: fewer contexts than --n-top, or --n-top 0) hold no data.
+                filled = f.get_tensor("top_ctx")[..., None] >= 0
+                top = np.where(filled, f.get_tensor("top_acts"), -np.inf).max(
+                    axis=(1, 2), initial=-np.inf)
             rows = [(hp, layer_index(hp), u, _finite(top[u]),
                      *(_finite(stats[k][u]) for k in ("mean", "variance", "skewness", "kurtosis")))
                     for u in range(store.units[hp])]
@@ -98,7 +101,8 @@ def summarize(run_dir: Path, show: int = 10) -> dict[str, Any]:
     db.close()
     vals = [r[2] for r in rows if r[2] is not None]
     summary = {"distribution": dist, "failed_explanations": failed,
-               "best": [list(r) for r in rows[:show]], "worst": [list(r) for r in rows[-show:]]}
+               "best": [list(r) for r in rows[:show]],
+               "worst": [list(r) for r in rows[max(show, len(rows) - show):]]}
     write_json(run_dir / "summary.json", summary)
     if vals:
         _histogram(vals, run_dir / "score_hist.png")
@@ -135,6 +139,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                          f"{d['median']:>8.3f}{d['p90']:>8.3f}")
     lines.append(f"failed explanations: {summary['failed_explanations']}")
     for title, rows in (("best units", summary["best"]), ("worst units", summary["worst"])):
+        if not rows:
+            continue
         lines.append(f"{title} (valid, top + random):")
         for hp, unit, s, text in rows:
             val = "   nan" if s is None else f"{s:6.3f}"

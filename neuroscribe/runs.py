@@ -122,15 +122,20 @@ def parse_units(spec: str, n_units: int) -> list[int]:
     if spec == "all":
         return list(range(n_units))
     kind, _, arg = spec.partition(":")
-    if kind == "first":
-        return list(range(min(int(arg), n_units)))
-    if kind == "random":
-        n, _, seed = arg.partition(":")
-        return sorted(random.Random(int(seed or 0)).sample(range(n_units), min(int(n), n_units)))
     units: list[int] = []
-    for part in spec.split(","):
-        a, _, b = part.partition("-")
-        units += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    try:
+        if kind == "first":
+            return list(range(min(int(arg), n_units)))
+        if kind == "random":
+            n, _, seed = arg.partition(":")
+            return sorted(random.Random(int(seed or 0)).sample(range(n_units),
+                                                               min(int(n), n_units)))
+        for part in spec.split(","):
+            a, _, b = part.partition("-")
+            units += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    except ValueError:
+        raise UserError(f"--units {spec!r} not understood: use all, first:N, random:N[:SEED] "
+                        "or ranges like 0-49,100") from None
     bad = [u for u in units if not 0 <= u < n_units]
     if bad:
         raise UserError(f"unit {bad[0]} out of range: the hookpoint has {n_units} units")

@@ -1,0 +1,176 @@
+"""Streaming per-unit statistics: a vectorised top-k of contexts, and moments.
+
+Both take one batch at a time and keep memory bounded by units x k, never by corpus length.
+They run on every batch of ``record``, so the per-batch work is a handful of whole-batch
+tensor passes; everything else touches only [units, k + batch]-sized tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+
+class TopK:
+    """Per-unit streaming top-k of contexts by a score, with their tokens and activations.
+
+    Slots are overwritten in place: a batch only writes the (unit, slot) pairs whose context
+    entered the top-k, so the cost per batch is a top-k over [units, k + batch] scores, and only
+    for the units where some new score reaches the current k-th best.
+
+    ``groups`` > 1 keeps that many independent top-ks per unit in one store (row ``g * units +
+    u`` is group g of unit u), so that e.g. all quantile bins share one top-k call per batch.
+    """
+
+    def __init__(self, n_units: int, k: int, ctx_len: int, groups: int = 1) -> None:
+        import torch
+
+        rows = n_units * groups
+        self.n_units, self.k, self.groups = n_units, k, groups
+        self.scores = torch.full((rows, k), -math.inf)
+        self.ctx = torch.full((rows, k), -1, dtype=torch.int64)
+        self.acts = torch.zeros((rows, k, ctx_len))
+        self.tokens = torch.zeros((rows, k, ctx_len), dtype=torch.int32)
+
+    def update(self, scores: Any, acts: Any, tokens: Any, ctx: Any) -> None:
+        """scores [B, U], acts [B, T, U], tokens [B, T], ctx [B] (one group)."""
+        self.update_rows(scores.T, acts, tokens, ctx)
+
+    def update_rows(self, scores: Any, acts: Any, tokens: Any, ctx: Any) -> None:
+        """scores [rows, B]: row ``g * U + u`` scores the batch's contexts for group g, unit u."""
+        import torch
+
+        if self.k == 0:
+            return
+        # A row whose new scores all fall below its current k-th best keeps its top-k exactly
+        # (ties are kept in, so the top-k below decides them as if every row were merged).
+        rows = (scores >= self.scores.amin(1, keepdim=True)).any(1).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        merged = torch.cat([self.scores[rows], scores[rows]], dim=1)
+        keep = torch.zeros_like(merged, dtype=torch.bool)
+        keep.scatter_(1, merged.topk(self.k, dim=1, sorted=False).indices, True)
+        new_r, new_b = keep[:, self.k:].nonzero(as_tuple=True)
+        if new_r.numel() == 0:
+            return
+        # Vacated slots and incoming contexts come out grouped by row with equal counts.
+        vac_r, vac_k = (~keep[:, : self.k]).nonzero(as_tuple=True)
+        new_r = rows[new_r]
+        slot = rows[vac_r] * self.k + vac_k  # flat index into [rows * k]
+        self.scores.view(-1)[slot] = scores[new_r, new_b]
+        self.ctx.view(-1)[slot] = ctx[new_b]
+        new_acts = acts[new_b, :, new_r % self.n_units]  # the one strided gather
+        ctx_len = self.acts.shape[-1]
+        self.acts.view(-1, ctx_len).index_copy_(0, slot, new_acts.to(self.acts.dtype))
+        self.tokens.view(-1, ctx_len).index_copy_(
+            0, slot, tokens.index_select(0, new_b).to(self.tokens.dtype))
+
+    def finished(self, *prefixes: str) -> dict[str, Any]:
+        """Slots sorted by score, best first; empty slots have ctx -1. One prefix per group."""
+        if len(prefixes) != self.groups:
+            raise ValueError(f"need {self.groups} prefixes, got {len(prefixes)}")
+        order = self.scores.argsort(dim=1, descending=True)
+        ctx = self.ctx.gather(1, order)
+        ctx[self.scores.gather(1, order) == -math.inf] = -1
+        acts, tokens = take_slots(self.acts, order), take_slots(self.tokens, order)
+        out = {}
+        for g, prefix in enumerate(prefixes):
+            rows = slice(g * self.n_units, (g + 1) * self.n_units)
+            out.update({f"{prefix}_ctx": ctx[rows], f"{prefix}_acts": acts[rows],
+                        f"{prefix}_tokens": tokens[rows]})
+        return out
+
+
+def take_slots(t: Any, order: Any) -> Any:
+    """t [rows, k, T] with each row's slots picked by order [rows, j]: a fast row copy."""
+    import torch
+
+    n_rows, k, *rest = t.shape
+    flat = (order + torch.arange(n_rows)[:, None] * k).reshape(-1)
+    return t.reshape(n_rows * k, *rest).index_select(0, flat).view(n_rows, order.shape[1], *rest)
+
+
+def scratch(bufs: dict[str, Any], name: str, shape: Any, dtype: Any) -> Any:
+    """A reusable buffer, kept in ``bufs`` under (name, shape, dtype)."""
+    import torch
+
+    key = (name, tuple(shape), dtype)
+    if key not in bufs:
+        bufs[key] = torch.empty(key[1], dtype=dtype)
+    return bufs[key]
+
+
+BLOCK = 1 << 18  # elements per block of Moments.batch: 2 MiB as float64
+
+
+class Moments:
+    """Streaming mean, variance, skewness and kurtosis per unit (Pebay's pairwise update).
+
+    Each batch's central sums are taken in float64 torch (``batch``), then merged into the
+    running float64 state (``merge``); ``update`` does both.
+    """
+
+    def __init__(self, n_units: int) -> None:
+        self.n = 0
+        self.mean = np.zeros(n_units)
+        self.m2 = np.zeros(n_units)
+        self.m3 = np.zeros(n_units)
+        self.m4 = np.zeros(n_units)
+        self._bufs: dict[str, Any] = {}
+
+    def batch(self, x: Any) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, mean, sum d^2, sum d^3, sum d^4) of x [N, U], with d = x - mean, in float64.
+
+        A NaN or Inf anywhere in a unit's column makes that unit's mean non-finite. The rows
+        go through in blocks of about BLOCK elements, so that the float64 temporaries stay in
+        cache; their buffers are kept, as fresh large allocations cost page faults.
+        """
+        import torch
+
+        x = torch.as_tensor(x)
+        nb, n_units = x.shape
+        blocks = x.split(max(1, BLOCK // max(n_units, 1)))
+        mb = torch.zeros(n_units, dtype=torch.float64)
+        for c in blocks:
+            mb += scratch(self._bufs, "d", c.shape, torch.float64).copy_(c).sum(0)
+        mb /= max(nb, 1)
+        sums = torch.zeros((3, n_units), dtype=torch.float64)
+        for c in blocks:
+            d = scratch(self._bufs, "d", c.shape, torch.float64).copy_(c).sub_(mb)
+            d2 = torch.mul(d, d, out=scratch(self._bufs, "d2", c.shape, torch.float64))
+            sums[0] += d2.sum(0)
+            sums[1] += d.mul_(d2).sum(0)
+            sums[2] += d2.mul_(d2).sum(0)
+        m2b, m3b, m4b = sums.numpy()
+        return nb, mb.numpy(), m2b, m3b, m4b
+
+    def merge(self, nb: int, mb: np.ndarray, m2b: np.ndarray, m3b: np.ndarray,
+              m4b: np.ndarray) -> None:
+        if nb == 0:
+            return
+        na, n = self.n, self.n + nb
+        delta = mb - self.mean
+        m2a, m3a = self.m2, self.m3
+        self.m4 = (self.m4 + m4b + delta**4 * na * nb * (na * na - na * nb + nb * nb) / n**3
+                   + 6 * delta**2 * (na * na * m2b + nb * nb * m2a) / n**2
+                   + 4 * delta * (na * m3b - nb * m3a) / n)
+        self.m3 = (m3a + m3b + delta**3 * na * nb * (na - nb) / n**2
+                   + 3 * delta * (na * m2b - nb * m2a) / n)
+        self.m2 = m2a + m2b + delta**2 * na * nb / n
+        self.mean = self.mean + delta * nb / n
+        self.n = n
+
+    def update(self, x: Any) -> None:
+        """x [N, U]: a numpy array or torch tensor of any float dtype (left unchanged)."""
+        self.merge(*self.batch(x))
+
+    def finished(self) -> dict[str, np.ndarray]:
+        """Population variance, skewness and excess kurtosis (scipy's bias=True defaults)."""
+        n = max(self.n, 1)
+        var = self.m2 / n
+        with np.errstate(divide="ignore", invalid="ignore"):
+            skew = np.where(var > 0, (self.m3 / n) / var**1.5, np.nan)
+            kurt = np.where(var > 0, (self.m4 / n) / var**2 - 3.0, np.nan)
+        return {"mean": self.mean, "variance": var, "skewness": skew, "kurtosis": kurt}
