@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -50,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=40_960)
     p.add_argument("--ctx-len", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3, help="passes over the batches")
+    p.add_argument("--repeats", type=int, default=4,
+                   help="passes over the batches (even: each batch goes first equally often)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the instrumented pass")
@@ -160,9 +162,11 @@ def breakdown(bench: Bench) -> dict[str, float]:
         patched.append((owner, name, raw))
 
     def store_name(a: tuple[Any, ...]) -> str:
-        rec = next(iter(bench.recorders.values()))
-        names = {id(rec.top): "top", id(rec.random): "random", id(rec.bins): "quantile bins"}
-        return f"top-k store: {names.get(id(a[0]), '?')}"
+        for rec in bench.recorders.values():
+            for name in ("top", "random", "bins"):
+                if getattr(rec, name) is a[0]:
+                    return f"top-k store: {name}"
+        return "top-k store: other"
 
     wrap(Bench, "forward", "forward pass")
     wrap(Moments, "batch", "moments: batch sums (float64)")
@@ -217,7 +221,21 @@ def machine() -> dict[str, Any]:
             "torch_interop_threads": torch.get_num_interop_threads(),
             "cpu_count": os.cpu_count(), "numpy": numpy.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "processor": platform.processor() or None}
+            "platform": platform.platform(), "processor": platform.processor() or None,
+            "git": _git()}
+
+
+def _git() -> str | None:
+    """The commit of the working tree, with "+dirty" when it has uncommitted changes."""
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+
+    try:
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--short") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def _loadavg() -> list[float] | None:

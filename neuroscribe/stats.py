@@ -22,17 +22,25 @@ class TopK:
 
     ``groups`` > 1 keeps that many independent top-ks per unit in one store (row ``g * units +
     u`` is group g of unit u), so that e.g. all quantile bins share one top-k call per batch.
+
+    Tokens belong to a context, not to a unit: each batch's tokens are kept once, in a bank
+    that slots point into (``src``), and the bank is pruned to the contexts still in a slot
+    whenever it has doubled, so its memory is bounded by units x k too.
     """
+
+    BANK_MIN = 4096  # bank rows (contexts) below which the bank is never pruned
 
     def __init__(self, n_units: int, k: int, ctx_len: int, groups: int = 1) -> None:
         import torch
 
         rows = n_units * groups
-        self.n_units, self.k, self.groups = n_units, k, groups
+        self.n_units, self.k, self.groups, self.ctx_len = n_units, k, groups, ctx_len
         self.scores = torch.full((rows, k), -math.inf)
         self.ctx = torch.full((rows, k), -1, dtype=torch.int64)
         self.acts = torch.zeros((rows, k, ctx_len))
-        self.tokens = torch.zeros((rows, k, ctx_len), dtype=torch.int32)
+        self.src = torch.full((rows, k), -1, dtype=torch.int64)  # bank row of each slot
+        self.bank: list[Any] = []  # token batches [B, T] (int32), rows numbered in order
+        self.bank_rows, self.prune_at = 0, self.BANK_MIN
 
     def update(self, scores: Any, acts: Any, tokens: Any, ctx: Any) -> None:
         """scores [B, U], acts [B, T, U], tokens [B, T], ctx [B] (one group)."""
@@ -44,13 +52,18 @@ class TopK:
 
         if self.k == 0:
             return
-        # A row whose new scores all fall below its current k-th best keeps its top-k exactly
-        # (ties are kept in, so the top-k below decides them as if every row were merged).
-        rows = (scores >= self.scores.amin(1, keepdim=True)).any(1).nonzero().squeeze(1)
+        # A row whose new scores all fall below its current k-th best keeps its top-k exactly;
+        # the other rows go through the very top-k of the full merge (ties and NaN included).
+        cand = (~(scores < self.scores.amin(1, keepdim=True))).any(1)
+        rows = cand.nonzero().squeeze(1)
         if rows.numel() == 0:
             return
-        merged = torch.cat([self.scores[rows], scores[rows]], dim=1)
+        if rows.numel() == len(cand):
+            merged = torch.cat([self.scores, scores], dim=1)
+        else:
+            merged = torch.cat([self.scores[rows], scores[rows]], dim=1)
         keep = torch.zeros_like(merged, dtype=torch.bool)
+        # Unsorted is the same set: the sort only orders the k kept (nth_element, then sort).
         keep.scatter_(1, merged.topk(self.k, dim=1, sorted=False).indices, True)
         new_r, new_b = keep[:, self.k:].nonzero(as_tuple=True)
         if new_r.numel() == 0:
@@ -61,20 +74,44 @@ class TopK:
         slot = rows[vac_r] * self.k + vac_k  # flat index into [rows * k]
         self.scores.view(-1)[slot] = scores[new_r, new_b]
         self.ctx.view(-1)[slot] = ctx[new_b]
+        self.src.view(-1)[slot] = new_b + self.bank_rows
+        self.bank.append(tokens.to(torch.int32, copy=True))
+        self.bank_rows += len(tokens)
         new_acts = acts[new_b, :, new_r % self.n_units]  # the one strided gather
-        ctx_len = self.acts.shape[-1]
-        self.acts.view(-1, ctx_len).index_copy_(0, slot, new_acts.to(self.acts.dtype))
-        self.tokens.view(-1, ctx_len).index_copy_(
-            0, slot, tokens.index_select(0, new_b).to(self.tokens.dtype))
+        self.acts.view(-1, self.ctx_len).index_copy_(0, slot, new_acts.to(self.acts.dtype))
+        if self.bank_rows > self.prune_at:
+            self._prune_bank()
+
+    def _prune_bank(self) -> None:
+        import torch
+
+        used = self.src[self.src >= 0].unique()  # sorted
+        self.bank = [torch.cat(self.bank).index_select(0, used)]
+        self.bank_rows, self.prune_at = len(used), max(self.BANK_MIN, 2 * len(used))
+        self.src = torch.where(self.src >= 0, torch.searchsorted(used, self.src), -1)
+
+    def sorted_slots(self) -> tuple[Any, Any]:
+        """Slot order [rows, k], best first, and the contexts in it (-1: empty)."""
+        order = self.scores.argsort(dim=1, descending=True)
+        ctx = self.ctx.gather(1, order)
+        ctx[self.scores.gather(1, order) == -math.inf] = -1
+        return order, ctx
+
+    def take(self, order: Any) -> tuple[Any, Any]:
+        """Activations and tokens [rows, j, T] of the slots order [rows, j] picks per row."""
+        import torch
+
+        table = torch.cat([torch.zeros((1, self.ctx_len), dtype=torch.int32), *self.bank])
+        src = self.src.gather(1, order).reshape(-1) + 1  # never-written slots: zero tokens
+        tokens = table.index_select(0, src).view(*order.shape, self.ctx_len)
+        return take_slots(self.acts, order), tokens
 
     def finished(self, *prefixes: str) -> dict[str, Any]:
         """Slots sorted by score, best first; empty slots have ctx -1. One prefix per group."""
         if len(prefixes) != self.groups:
             raise ValueError(f"need {self.groups} prefixes, got {len(prefixes)}")
-        order = self.scores.argsort(dim=1, descending=True)
-        ctx = self.ctx.gather(1, order)
-        ctx[self.scores.gather(1, order) == -math.inf] = -1
-        acts, tokens = take_slots(self.acts, order), take_slots(self.tokens, order)
+        order, ctx = self.sorted_slots()
+        acts, tokens = self.take(order)
         out = {}
         for g, prefix in enumerate(prefixes):
             rows = slice(g * self.n_units, (g + 1) * self.n_units)
@@ -93,16 +130,18 @@ def take_slots(t: Any, order: Any) -> Any:
 
 
 def scratch(bufs: dict[str, Any], name: str, shape: Any, dtype: Any) -> Any:
-    """A reusable buffer, kept in ``bufs`` under (name, shape, dtype)."""
+    """A reusable buffer of the given shape: a view of one flat tensor per name, regrown only
+    when too small (a fresh large allocation costs a page fault per 4 KiB on every batch)."""
     import torch
 
-    key = (name, tuple(shape), dtype)
-    if key not in bufs:
-        bufs[key] = torch.empty(key[1], dtype=dtype)
-    return bufs[key]
+    n = math.prod(shape)
+    buf = bufs.get(name)
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = bufs[name] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
 
 
-BLOCK = 1 << 18  # elements per block of Moments.batch: 2 MiB as float64
+BLOCK = 1 << 19  # elements per block of Moments.batch: 4 MiB as float64
 
 
 class Moments:
@@ -125,7 +164,7 @@ class Moments:
 
         A NaN or Inf anywhere in a unit's column makes that unit's mean non-finite. The rows
         go through in blocks of about BLOCK elements, so that the float64 temporaries stay in
-        cache; their buffers are kept, as fresh large allocations cost page faults.
+        cache (twice as fast as whole-batch passes).
         """
         import torch
 
