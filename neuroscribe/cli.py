@@ -90,13 +90,30 @@ def _run(args: argparse.Namespace) -> None:
     print(f"total time: {time.perf_counter() - t0:.0f}s")
 
 
+def _puzzles(args: argparse.Namespace) -> None:
+    from .explain import ExplainConfig, make_explainer
+    from .llm import LLMConfig
+    from .puzzles import PuzzleConfig, check, format_report
+    from .simulate import SimulateConfig, make_simulator
+
+    llm = {f.name: getattr(args, f.name) for f in dataclasses.fields(LLMConfig)}
+    report = check(config_from(args, PuzzleConfig),
+                   lambda n: make_simulator(SimulateConfig(simulator=n, **llm)),
+                   lambda n: make_explainer(ExplainConfig(explainer=n, **llm)))
+    print(format_report(report))
+    print(f"report: {Path(args.out) / 'puzzles.json'}")
+
+
 def _stage_configs() -> dict[str, list[type]]:
     from .explain import ExplainConfig
+    from .llm import LLMConfig
     from .pipeline import ScoreConfig
+    from .puzzles import PuzzleConfig
     from .record import RecordConfig
 
     return {"record": [RecordConfig], "explain": [ExplainConfig], "score": [ScoreConfig],
-            "run": [RecordConfig, ExplainConfig, ScoreConfig]}
+            "run": [RecordConfig, ExplainConfig, ScoreConfig],
+            "puzzles": [PuzzleConfig, LLMConfig]}
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
@@ -105,6 +122,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "explain": (_explain, "write one explanation per unit from its train records"),
     "score": (_score, "simulate activations from explanations and score them (OpenAI method)"),
     "run": (_run, "record, explain and score in one go"),
+    "puzzles": (_puzzles, "check simulators and explainers on OpenAI's 19 neuron puzzles"),
 }
 
 
@@ -124,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--filter", default="*", help="glob over hookpoint names")
         elif name in ("explain", "score"):
             p.add_argument("run", help="run folder written by 'record'")
-        else:
+        elif name != "puzzles":
             p.add_argument("--out", required=True, help="run folder to write")
-        if name != "hookpoints":
+        if name not in ("hookpoints", "puzzles"):
             p.add_argument("--resume", action="store_true",
                            help="continue a run in this folder, skipping finished work")
         for cls in configs.get(name, []):

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from .errors import UserError
 from .formats import SPLITS_RANDOM, ActivationRecord, NeuronRecord
+from .llm import LLMConfig, usage_of
 from .runs import claim_stage, opt, parse_units, save_stage, write_json
 from .score import NORMALIZATIONS, max_activation, normalize_activations
 
@@ -30,17 +31,30 @@ class ExplanationError(Exception):
 
 
 @dataclass
-class ExplainConfig:
-    """How to explain units."""
+class ExplainConfig(LLMConfig):
+    """How to explain units (the LLM options serve the LLM explainers)."""
 
-    explainer: str = opt("tokens", "explainer: tokens (token statistics, no LLM)")
+    explainer: str = opt("tokens", "explainer: tokens (token statistics, no LLM), openai "
+                         "(OpenAI's token<tab>activation prompt), highlight (delphi-style "
+                         "<<marked>> excerpts) or contrastive (highlight plus silent excerpts)")
     units: str = opt("first:100", "units to explain per hookpoint: all, first:N, "
                      "random:N[:SEED], or ranges like 0-49,100")
     normalization: str = opt("floor", "activation normalisation to 0-10: floor (OpenAI) or "
                              "ceil (delphi)", choices=NORMALIZATIONS)
-    active_level: int = opt(5, "normalised level (0-10) at which a token counts as active")
+    active_level: int = opt(5, "normalised level (0-10) at which a token counts as active "
+                            "(and is marked in highlight prompts)")
     max_terms: int = opt(5, "most tokens named in one explanation")
     n_per_split: int = opt(0, "records per split (0: all recorded, split evenly)")
+    n_samples: int = opt(1, "candidate explanations per unit from an LLM explainer (one "
+                         "request each, seeds 0..N-1); the score stage keeps the best on the "
+                         "calibration split")
+    temperature: float = opt(0.0, "sampling temperature of an LLM explainer (must be > 0 when "
+                             "--n-samples > 1)")
+    max_explanation_tokens: int = opt(60, "most tokens an LLM explainer may generate")
+    max_words: int = opt(40, "longest usable explanation, in words")
+    max_examples: int = opt(10, "most train records shown to an LLM explainer")
+    max_negatives: int = opt(5, "most silent background records shown by the contrastive "
+                             "explainer")
 
 
 class Explainer(Protocol):
@@ -136,38 +150,63 @@ def split_records(nr: NeuronRecord, name: str, n_per_split: int) -> list[Activat
     return nr.split(name, n_per_split or None)
 
 
-def explain(cfg: ExplainConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """Explain the chosen units of every recorded hookpoint; one JSON file per unit."""
-    from tqdm import tqdm
+def explain(cfg: ExplainConfig, run_dir: Path, resume: bool = False,
+            explainer: Explainer | None = None) -> dict[str, Any]:
+    """Explain the chosen units of every recorded hookpoint; one JSON file per unit.
 
+    Units run concurrently on one event loop (an LLM client bounds the requests in flight);
+    each unit's file is written as soon as it finishes. ``explainer`` overrides the configured
+    one (tests pass one built on a fake LLM backend).
+    """
     from .record import RecordStore
 
     store = RecordStore(run_dir)
     if cfg.normalization not in NORMALIZATIONS:
         raise UserError(f"--normalization must be one of {NORMALIZATIONS}")
     claim_stage(run_dir, "explain", cfg, resume)
-    explainer = make_explainer(cfg)
+    explainer = explainer or make_explainer(cfg)
     todo = [(hp, u) for hp in store.hookpoints for u in parse_units(cfg.units, store.units[hp])]
     # Saved before the first unit, so an interrupted stage still guards its config.
     save_stage(run_dir, "explain", cfg, complete=False)
-    done = failed = 0
-    for hp, unit in tqdm(todo, desc="explain", unit="unit", disable=None):
-        path = explanation_path(run_dir, hp, unit)
-        if resume and path.exists() and "explanation" in json.loads(path.read_text()):
-            done += 1
-            continue
-        nr = store.neuron_record(hp, unit)
-        train = split_records(nr, "train", cfg.n_per_split)
-        background = nr.random_split(SPLITS_RANDOM[0], cfg.n_per_split or None)
-        entry: dict[str, Any] = {"hookpoint": hp, "unit": unit, "explainer": cfg.explainer}
-        try:
-            candidates = asyncio.run(explainer.explain(train, background))
-            entry.update(explanation=candidates[0], candidates=candidates)
-            done += 1
-        except ExplanationError as e:
-            entry["failure"] = str(e)
-            failed += 1
-        write_json(path, entry)
-    save_stage(run_dir, "explain", cfg, complete=True, explained=done, failed=failed)
+    outcomes = asyncio.run(_explain_units(cfg, run_dir, store, explainer, todo, resume))
+    done, failed = sum(outcomes), len(outcomes) - sum(outcomes)
+    save_stage(run_dir, "explain", cfg, complete=True, explained=done, failed=failed,
+               llm_usage=usage_of(explainer))
     log.info("explain: %d explained, %d failed", done, failed)
     return {"explained": done, "failed": failed}
+
+
+async def _explain_units(cfg: ExplainConfig, run_dir: Path, store: Any, explainer: Explainer,
+                         todo: list[tuple[str, int]], resume: bool) -> list[bool]:
+    """Explain every unit of ``todo``; True for each unit that has an explanation."""
+    from tqdm import tqdm
+
+    in_flight = asyncio.Semaphore(max(1, 2 * cfg.concurrency))  # bounds records in memory
+    bar = tqdm(total=len(todo), desc="explain", unit="unit", disable=None)
+
+    async def one(hp: str, unit: int) -> bool:
+        path = explanation_path(run_dir, hp, unit)
+        if resume and path.exists() and "explanation" in json.loads(path.read_text()):
+            bar.update()
+            return True
+        async with in_flight:
+            nr = store.neuron_record(hp, unit)
+            train = split_records(nr, "train", cfg.n_per_split)
+            background = nr.random_split(SPLITS_RANDOM[0], cfg.n_per_split or None)
+            entry: dict[str, Any] = {"hookpoint": hp, "unit": unit, "explainer": cfg.explainer}
+            try:
+                candidates = await explainer.explain(train, background)
+                entry.update(explanation=candidates[0], candidates=candidates)
+            except ExplanationError as e:
+                entry["failure"] = str(e)
+            write_json(path, entry)
+        bar.update()
+        return "explanation" in entry
+
+    try:
+        return list(await asyncio.gather(*[one(hp, u) for hp, u in todo]))
+    finally:
+        bar.close()
+
+
+from . import explain_llm  # noqa: E402,F401 - registers the LLM explainers in EXPLAINERS

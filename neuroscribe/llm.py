@@ -135,11 +135,15 @@ class Client:
         self.backend, self.cfg, self.cache = backend, cfg, cache
         self.usage: dict[str, Usage] = defaultdict(Usage)
         self._sem: asyncio.Semaphore | None = None
+        self._sem_loop: asyncio.AbstractEventLoop | None = None
         self._sleep = sleep
 
     def _semaphore(self) -> asyncio.Semaphore:
-        if self._sem is None:
-            self._sem = asyncio.Semaphore(self.cfg.concurrency)
+        # One per event loop: a semaphore that once waited is bound to its loop, and callers
+        # such as the puzzle check run one asyncio.run per item with the same client.
+        loop = asyncio.get_running_loop()
+        if self._sem is None or self._sem_loop is not loop:
+            self._sem, self._sem_loop = asyncio.Semaphore(self.cfg.concurrency), loop
         return self._sem
 
     async def complete(self, req: Request) -> Response:
@@ -157,9 +161,16 @@ class Client:
             try:
                 async with self._semaphore():
                     resp = await asyncio.wait_for(self.backend.complete(req), self.cfg.timeout)
-            except (Retryable, asyncio.TimeoutError) as e:
+            except LLMError:
+                use.failed += 1
+                raise
+            except asyncio.TimeoutError:
+                last = Retryable(f"timed out after {self.cfg.timeout:g} s")
+                log.info("LLM attempt %d failed: %s", attempt + 1, last)
+                continue
+            except Retryable as e:
                 last = e
-                log.info("LLM attempt %d failed: %s", attempt + 1, e or type(e).__name__)
+                log.info("LLM attempt %d failed: %s", attempt + 1, e)
                 continue
             use.calls += 1
             use.prompt_tokens += resp.prompt_tokens
@@ -175,6 +186,12 @@ class Client:
 
     def usage_report(self) -> dict[str, dict[str, Any]]:
         return {stage: dataclasses.asdict(u) for stage, u in self.usage.items()}
+
+
+def usage_of(user: Any) -> dict[str, dict[str, Any]]:
+    """The LLM usage report of an explainer or simulator (empty when it calls no LLM)."""
+    client = getattr(user, "client", None)
+    return client.usage_report() if isinstance(client, Client) else {}
 
 
 def default_cache_dir() -> Path:

@@ -168,14 +168,16 @@ class _HTTPBackend:
         self.key = os.environ.get(cfg.api_key_env, "")
         self.timeout = cfg.timeout
         self._client: Any = None
+        self._loop: Any = None
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"} if self.key else {}
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         httpx = self.httpx
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout)
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:  # its pool is bound to one loop
+            self._client, self._loop = httpx.AsyncClient(timeout=self.timeout), loop
         try:
             r = await self._client.post(self.base + path, json=body, headers=self._headers())
         except (httpx.TimeoutException, httpx.TransportError) as e:
@@ -236,17 +238,37 @@ class OpenAIBackend(_HTTPBackend):
 
 def _completion_logprobs(choice: dict[str, Any], data: dict[str, Any],
                          req: Request) -> tuple[list[str], list[dict[str, float]]]:
-    """Tokens and top logprobs from a /completions reply, echo style or vLLM style."""
-    if req.prompt_logprobs and choice.get("prompt_logprobs"):  # vLLM: list of {id: {...}}
-        tops = [{v["decoded_token"]: v["logprob"] for v in (pos or {}).values()}
-                for pos in choice["prompt_logprobs"]]
-        return [max(t, key=t.get) if t else "" for t in tops], tops
+    """Tokens and top-k logprobs from a /completions reply. With ``prompt_logprobs``: one
+    entry per prompt token, entry i the distribution of token i given those before it (entry
+    0 empty), whichever server answered:
+
+    * OpenAI's echo adds the generated token: cut at usage.prompt_tokens;
+    * vLLM also returns ``prompt_logprobs``, a list of {token id: {...}};
+    * llama-cpp-python's server adds each token to its own top-k dict (k+1 keys) and, for
+      models without a BOS token (Qwen, SmolLM2), pairs token i with the distribution after
+      it, leaving entry 1 unknown. The alignment under which the prompt's tokens fall in
+      their entries' top k more often is taken (the model predicts text, not repeats).
+    """
+    k = req.prompt_logprobs or req.top_logprobs
     lp = choice.get("logprobs") or {}
     tokens = list(lp.get("tokens") or [])
     tops = [dict(t or {}) for t in (lp.get("top_logprobs") or [])]
-    if req.prompt_logprobs:  # drop the one generated token echo adds
-        n_prompt = int((data.get("usage") or {}).get("prompt_tokens", len(tokens) - 1))
-        tokens, tops = tokens[:n_prompt], tops[:n_prompt]
+    if req.prompt_logprobs and choice.get("prompt_logprobs"):  # vLLM
+        tops = [{v["decoded_token"]: v["logprob"] for v in (pos or {}).values()}
+                for pos in choice["prompt_logprobs"]]
+        if len(tokens) < len(tops):  # no echoed tokens: the most likely ones stand in
+            return [max(t, key=t.get) if t else "" for t in tops], tops
+    for tok, top in zip(tokens, tops):
+        if len(top) > k:
+            top.pop(tok, None)  # the token itself, listed beside the top k
+    if not req.prompt_logprobs:
+        return tokens, tops
+    n_prompt = int((data.get("usage") or {}).get("prompt_tokens", len(tokens) - 1))
+    tokens, tops = tokens[:n_prompt], tops[:n_prompt]
+    here = sum(t in top for t, top in zip(tokens[1:], tops[1:]))
+    after = sum(t in top for t, top in zip(tokens[2:], tops[1:]))
+    if after > here:  # shifted by one: entry i holds the distribution of token i + 1
+        tops = [{}] + tops[:-1]
     return tokens, tops
 
 

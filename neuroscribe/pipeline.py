@@ -6,17 +6,19 @@ import asyncio
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
 from .explain import ExplainConfig, explain
-from .formats import NeuronSimulationResults, ScoredExplanation, dumps
+from .formats import NeuronSimulationResults, ScoredExplanation, SequenceSimulation, dumps
+from .llm import LLMError, usage_of
 from .record import RecordConfig, RecordStore, record
 from .runs import atomic_write_text, claim_stage, opt, save_stage, write_json
-from .score import LinearCalibration, flatten, score_records
-from .simulate import SimulateConfig, Simulator, make_simulator
+from .score import LinearCalibration, correlation_score, flatten, score_records
+from .simulate import SimulateConfig, SimulationError, Simulator, make_simulator
 
 log = logging.getLogger("neuroscribe")
 VARIANTS = ("all", "top", "random")
@@ -39,25 +41,86 @@ def _clean(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), 6)
 
 
-async def score_unit(sim: Simulator, explanation: str, nr: Any, cfg: ScoreConfig) -> dict[str, Any]:
-    """Calibrate on the calibration split, score valid and test: all, top-only, random-only."""
+SIMULATION_ERRORS = (SimulationError, LLMError)
+
+
+async def simulate_records(sim: Simulator, explanation: str,
+                           records: Sequence[Any]) -> list[SequenceSimulation]:
+    return list(await asyncio.gather(*[sim.simulate(explanation, r.tokens) for r in records]))
+
+
+def _failure(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+async def rank_candidates(sim: Simulator, candidates: Sequence[str],
+                          cal: Sequence[Any]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Each candidate's correlation on the calibration records (a failure is recorded, not
+    raised), and its simulations (None where it failed)."""
+    async def one(expl: str) -> tuple[dict[str, Any], Any]:
+        try:
+            sims = await simulate_records(sim, expl, cal)
+        except SIMULATION_ERRORS as e:
+            return {"explanation": expl, "calibration_ev_correlation": None,
+                    "failure": _failure(e)}, None
+        score = correlation_score(flatten([r.activations for r in cal]),
+                                  flatten([s.expected_activations for s in sims]))
+        return {"explanation": expl, "calibration_ev_correlation": _clean(score)}, sims
+
+    out = await asyncio.gather(*[one(c) for c in candidates])
+    return [d for d, _ in out], [s for _, s in out]
+
+
+def best_candidate(ranked: Sequence[dict[str, Any]]) -> int | None:
+    """Index of the highest calibration correlation (undefined ranks last, ties go to the
+    earlier candidate); None when every candidate failed."""
+    ok = [i for i, d in enumerate(ranked) if "failure" not in d]
+    if not ok:
+        return None
+
+    def key(i: int) -> tuple[float, int]:
+        v = ranked[i]["calibration_ev_correlation"]
+        return (-math.inf if v is None else v, -i)
+
+    return max(ok, key=key)
+
+
+async def score_unit(sim: Simulator, explanations: str | Sequence[str], nr: Any,
+                     cfg: ScoreConfig) -> dict[str, Any]:
+    """Pick the best candidate on the calibration split (and calibrate on it), then score the
+    chosen one on valid and test: all, top-only, random-only.
+
+    The valid and test splits never influence the choice. A simulation failure is returned as
+    ``failure`` (with the candidates ranked so far), never raised.
+    """
+    candidates = ([explanations] if isinstance(explanations, str)
+                  else list(dict.fromkeys(explanations)))
     n = cfg.n_per_split or None
     cal = nr.split("calibration", n)
-
-    async def run(records: list[Any]) -> list[Any]:
-        return list(await asyncio.gather(*[sim.simulate(explanation, r.tokens) for r in records]))
-
+    if cfg.calibrate or len(candidates) > 1:
+        ranked, cal_sims = await rank_candidates(sim, candidates, cal)
+    else:  # one candidate and no calibration: nothing to simulate on the calibration split
+        ranked, cal_sims = [{"explanation": candidates[0],
+                             "calibration_ev_correlation": None}], [None]
+    choice = best_candidate(ranked)
+    if choice is None:
+        return {"failure": "every candidate failed to simulate: "
+                + "; ".join(d["failure"] for d in ranked), "candidates": ranked}
+    explanation = candidates[choice]
     calibration = None
     if cfg.calibrate:
-        cal_sims = await run(cal)
         calibration = LinearCalibration.fit(
-            flatten([s.expected_activations for s in cal_sims]),
+            flatten([s.expected_activations for s in cal_sims[choice]]),
             flatten([r.activations for r in cal]))
     scores: dict[str, Any] = {}
     results = None
     for split in ("valid", "test"):
         top, rnd = nr.top_split(split, n), nr.random_split(split, n)
-        sims = await run(top + rnd)
+        try:
+            sims = await simulate_records(sim, explanation, top + rnd)
+        except SIMULATION_ERRORS as e:
+            return {"failure": f"{split} split: {_failure(e)}", "explanation": explanation,
+                    "candidates": ranked}
         parts = {"all": (top + rnd, sims), "top": (top, sims[: len(top)]),
                  "random": (rnd, sims[len(top):])}
         for variant, (recs, ss) in parts.items():
@@ -68,24 +131,42 @@ async def score_unit(sim: Simulator, explanation: str, nr: Any, cfg: ScoreConfig
                 "absolute_dev_explained_score": _clean(scored.absolute_dev_explained_score)}
             if split == "valid" and variant == "all":
                 results = scored
-    return {"scores": scores, "scored_simulation": results,
+    return {"explanation": explanation, "candidates": ranked, "scores": scores,
+            "scored_simulation": results,
             "calibration": None if calibration is None else
             {"slope": calibration.slope, "intercept": calibration.intercept}}
 
 
-def score(cfg: ScoreConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """Score every explained unit; write NeuronSimulationResults JSON per unit, then index."""
-    from tqdm import tqdm
+def score(cfg: ScoreConfig, run_dir: Path, resume: bool = False,
+          sim: Simulator | None = None) -> dict[str, Any]:
+    """Score every explained unit; write NeuronSimulationResults JSON per unit, then index.
 
+    ``sim`` overrides the configured simulator (tests pass one built on a fake backend).
+    """
     from .results import index_run, summarize
 
     store = RecordStore(run_dir)
     claim_stage(run_dir, "score", cfg, resume)
-    sim = make_simulator(cfg)
+    sim = sim or make_simulator(cfg)
     todo = sorted((run_dir / "explanations").glob("*/*.json"))
     # Saved before the first unit, so an interrupted stage still guards its config.
     save_stage(run_dir, "score", cfg, complete=False)
-    scored = skipped = 0
+    counts = asyncio.run(_score_units(cfg, run_dir, store, sim, todo, resume))
+    save_stage(run_dir, "score", cfg, complete=True, **counts, llm_usage=usage_of(sim),
+               simulator_stats=dict(getattr(sim, "stats", {})))
+    if counts["failed"]:
+        log.warning("score: %d units failed to simulate (see 'failure' in scores/*.scores.json)",
+                    counts["failed"])
+    index_run(run_dir)
+    return summarize(run_dir)
+
+
+async def _score_units(cfg: ScoreConfig, run_dir: Path, store: RecordStore, sim: Simulator,
+                       todo: list[Path], resume: bool) -> dict[str, int]:
+    """Units one after another on one event loop (a unit's simulations run concurrently)."""
+    from tqdm import tqdm
+
+    scored = skipped = failed = 0
     for path in tqdm(todo, desc="score", unit="unit", disable=None):
         entry = json.loads(path.read_text())
         hp, unit = entry["hookpoint"], entry["unit"]
@@ -94,19 +175,23 @@ def score(cfg: ScoreConfig, run_dir: Path, resume: bool = False) -> dict[str, An
             skipped += 1
             continue
         nr = store.neuron_record(hp, unit)
-        res = asyncio.run(score_unit(sim, entry["explanation"], nr, cfg))
-        write_json(score_path(run_dir, hp, unit, "scores"),
-                   {"hookpoint": hp, "unit": unit, "explanation": entry["explanation"],
-                    "simulator": cfg.simulator, "calibration": res["calibration"],
-                    "scores": res["scores"]})
+        candidates = entry.get("candidates") or [entry["explanation"]]
+        res = await score_unit(sim, candidates, nr, cfg)
+        detail = {"hookpoint": hp, "unit": unit, "simulator": cfg.simulator,
+                  "explanation": res.get("explanation"), "candidates": res.get("candidates"),
+                  "calibration": res.get("calibration"), "scores": res.get("scores", {})}
+        if "failure" in res:
+            write_json(score_path(run_dir, hp, unit, "scores"),
+                       {**detail, "failure": res["failure"]})
+            failed += 1
+            continue
+        write_json(score_path(run_dir, hp, unit, "scores"), detail)
         atomic_write_text(out, dumps(NeuronSimulationResults(
             neuron_id=nr.neuron_id,
-            scored_explanations=[ScoredExplanation(entry["explanation"],
+            scored_explanations=[ScoredExplanation(res["explanation"],
                                                    res["scored_simulation"])])))
         scored += 1
-    save_stage(run_dir, "score", cfg, complete=True, scored=scored)
-    index_run(run_dir)
-    return summarize(run_dir)
+    return {"scored": scored, "skipped": skipped, "failed": failed}
 
 
 def run(rc: RecordConfig, ec: ExplainConfig, sc: ScoreConfig, run_dir: Path,

@@ -22,7 +22,7 @@ CREATE TABLE units (hookpoint TEXT, layer INTEGER, unit INTEGER, max_activation 
 CREATE TABLE explanations (hookpoint TEXT, unit INTEGER, explainer TEXT, explanation TEXT,
   failure TEXT, PRIMARY KEY (hookpoint, unit, explainer));
 CREATE TABLE scores (hookpoint TEXT, unit INTEGER, simulator TEXT, split TEXT, variant TEXT,
-  ev_correlation REAL, rsquared REAL, absolute_dev REAL);
+  ev_correlation REAL, rsquared REAL, absolute_dev REAL, explanation TEXT);
 CREATE INDEX scores_by_value ON scores (split, variant, ev_correlation);
 """
 
@@ -64,10 +64,10 @@ def index_run(run_dir: Path) -> Path:
             s = json.loads(p.read_text())
             for key, v in s["scores"].items():
                 split, variant = key.split("_", 1)
-                db.execute("INSERT INTO scores VALUES (?,?,?,?,?,?,?,?)",
+                db.execute("INSERT INTO scores VALUES (?,?,?,?,?,?,?,?,?)",
                            (s["hookpoint"], s["unit"], s["simulator"], split, variant,
                             v["ev_correlation_score"], v["rsquared_score"],
-                            v["absolute_dev_explained_score"]))
+                            v["absolute_dev_explained_score"], s.get("explanation")))
         db.commit()
         db.close()
     return target
@@ -94,8 +94,10 @@ def summarize(run_dir: Path, show: int = 10) -> dict[str, Any]:
             "ev_correlation IS NOT NULL", (split, variant))]
         dist[f"{split}_{variant}"] = _describe(vals)
     rows = db.execute(
-        "SELECT s.hookpoint, s.unit, s.ev_correlation, e.explanation FROM scores s JOIN "
-        "explanations e USING (hookpoint, unit) WHERE s.split='valid' AND s.variant='all' "
+        # The scored explanation: with several candidates, the one chosen on calibration.
+        "SELECT s.hookpoint, s.unit, s.ev_correlation, COALESCE(s.explanation, e.explanation) "
+        "FROM scores s JOIN explanations e USING (hookpoint, unit) "
+        "WHERE s.split='valid' AND s.variant='all' "
         "ORDER BY s.ev_correlation IS NULL, s.ev_correlation DESC").fetchall()
     failed = db.execute("SELECT COUNT(*) FROM explanations WHERE failure IS NOT NULL").fetchone()[0]
     db.close()

@@ -20,19 +20,28 @@ import numpy as np
 
 from .errors import UserError
 from .formats import ActivationScale, SequenceSimulation
+from .llm import LLMConfig
 from .runs import opt
 
 QUOTED = re.compile(r'"((?:[^"\\]|\\.)+)"')
 
 
 @dataclass
-class SimulateConfig:
-    """How to simulate activations from an explanation."""
+class SimulateConfig(LLMConfig):
+    """How to simulate activations from an explanation (the LLM options serve the LLM
+    simulators)."""
 
-    simulator: str = opt("embedding", "simulator: embedding (token match + MiniLM similarity) "
-                         "or tokens (token match only)")
+    simulator: str = opt("embedding", "simulator: embedding (token match + MiniLM similarity), "
+                         "tokens (token match only), openai (LLM, OpenAI's all-at-once prompt "
+                         "read through prompt logprobs) or json (LLM chat reply, no logprobs)")
     embed_weight: float = opt(0.5, "weight of the embedding similarity against a token match")
     embed_device: str = opt("cpu", "device of the sentence-embedding model")
+    sim_top_logprobs: int = opt(15, "top logprobs read at each 'unknown' slot by the openai "
+                                "simulator")
+
+
+class SimulationError(Exception):
+    """A simulator could not turn the LLM's reply into activations; the message says why."""
 
 
 class Simulator(Protocol):
@@ -41,7 +50,7 @@ class Simulator(Protocol):
         ...
 
 
-def _simulation(tokens: Sequence[str], values: Sequence[float]) -> SequenceSimulation:
+def point_simulation(tokens: Sequence[str], values: Sequence[float]) -> SequenceSimulation:
     vals = [float(v) for v in values]
     return SequenceSimulation(
         tokens=list(tokens), expected_activations=vals,
@@ -61,7 +70,8 @@ class TokenMatchSimulator:
 
     async def simulate(self, explanation: str, tokens: Sequence[str]) -> SequenceSimulation:
         terms = quoted_terms(explanation)
-        return _simulation(tokens, [10.0 if t.strip().lower() in terms else 0.0 for t in tokens])
+        return point_simulation(tokens,
+                                [10.0 if t.strip().lower() in terms else 0.0 for t in tokens])
 
 
 def embedding_model_path() -> Path:
@@ -110,7 +120,7 @@ class EmbeddingSimulator:
         sims = self.embed(stripped) @ self.embed([explanation])[0]
         values = (matched + 10.0 * self.cfg.embed_weight * np.maximum(sims, 0.0)) / (
             1 + self.cfg.embed_weight)
-        return _simulation(tokens, values.tolist())
+        return point_simulation(tokens, values.tolist())
 
 
 SIMULATORS: dict[str, type] = {"tokens": TokenMatchSimulator, "embedding": EmbeddingSimulator}
@@ -120,3 +130,6 @@ def make_simulator(cfg: SimulateConfig) -> Simulator:
     if cfg.simulator not in SIMULATORS:
         raise UserError(f"unknown simulator {cfg.simulator!r}; have {sorted(SIMULATORS)}")
     return SIMULATORS[cfg.simulator](cfg)
+
+
+from . import simulate_llm  # noqa: E402,F401 - registers the LLM simulators in SIMULATORS

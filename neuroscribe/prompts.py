@@ -1,0 +1,235 @@
+"""Prompt builders for the LLM explainers and simulators.
+
+Templates and few-shot examples are data (``neuroscribe/data/prompts/*.json``); the builders
+here are pure functions that fill them and return chat messages (a tuple of ``(role,
+content)`` pairs) or, for the all-at-once simulator, one raw completion prompt.
+
+The few-shot examples are invented records written for this project (``examples.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from .formats import ActivationRecord
+from .score import max_activation, normalize_activations
+
+Message = tuple[str, str]
+Messages = tuple[Message, ...]
+
+
+@cache
+def _text(name: str) -> str:
+    return resources.files("neuroscribe").joinpath(f"data/prompts/{name}.json").read_text()
+
+
+def load(name: str) -> dict[str, Any]:
+    """A template file, e.g. ``load("openai")``: a fresh dict each call."""
+    return json.loads(_text(name))
+
+
+@dataclass(frozen=True)
+class FewShotNeuron:
+    """One invented neuron: its explanation, activating records and silent records."""
+
+    explanation: str
+    records: tuple[ActivationRecord, ...]
+    negatives: tuple[ActivationRecord, ...] = ()
+
+
+def _records(raw: list[dict[str, Any]]) -> tuple[ActivationRecord, ...]:
+    return tuple(ActivationRecord(tokens=list(r["tokens"]),
+                                  activations=[float(a) for a in r["activations"]]) for r in raw)
+
+
+def few_shot_neurons() -> tuple[FewShotNeuron, ...]:
+    return tuple(FewShotNeuron(n["explanation"], _records(n["records"]),
+                               _records(n.get("negatives", [])))
+                 for n in load("examples")["neurons"])
+
+
+def _examples(examples: Sequence[FewShotNeuron] | None) -> Sequence[FewShotNeuron]:
+    return few_shot_neurons() if examples is None else examples
+
+
+# --- token<tab>activation blocks ---------------------------------------------------------------
+
+
+def _blocks(lines: Sequence[Sequence[tuple[str, str]]]) -> str:
+    """``<start>`` / ``<end>`` blocks of ``token<tab>value`` lines, one block per record."""
+    fmt = load("common")["records"]
+    body = ["\n".join(fmt["line"].format(token=t, activation=v) for t, v in rec)
+            for rec in lines]
+    return fmt["start"] + fmt["between"].join(body) + fmt["end"]
+
+
+def format_records(records: Sequence[ActivationRecord], max_act: float,
+                   normalization: str = "floor", omit_zeros: bool = False) -> str:
+    """Records as ``token<tab>activation`` lines with activations normalised to 0-10."""
+    lines = []
+    for r in records:
+        levels = normalize_activations(r.activations, max_act, normalization)
+        lines.append([(t, str(v)) for t, v in zip(r.tokens, levels) if v > 0 or not omit_zeros])
+    return _blocks(lines)
+
+
+def format_unknown(sequences: Sequence[Sequence[str]]) -> str:
+    """Token sequences as ``token<tab>unknown`` lines: the slots a simulator fills."""
+    unknown = load("common")["records"]["unknown"]
+    return _blocks([[(t, unknown) for t in tokens] for tokens in sequences])
+
+
+def nonzero_proportion(records: Sequence[ActivationRecord], max_act: float,
+                       normalization: str = "floor") -> float:
+    levels = [v for r in records for v in normalize_activations(r.activations, max_act,
+                                                                 normalization)]
+    return sum(v > 0 for v in levels) / len(levels) if levels else 0.0
+
+
+# --- explainer prompts -------------------------------------------------------------------------
+
+
+def _openai_neuron(records: Sequence[ActivationRecord], index: int, normalization: str,
+                   t: dict[str, Any], prefix: str) -> str:
+    top = max_activation(records)
+    text = t["neuron"].format(index=index, records=format_records(records, top, normalization))
+    if nonzero_proportion(records, top, normalization) < t["nonzero_below"]:
+        text += t["nonzero"].format(records=format_records(records, top, normalization, True))
+    return text + t["ask"].format(index=index, prefix=prefix)
+
+
+def openai_explain_messages(records: Sequence[ActivationRecord], normalization: str = "floor",
+                            examples: Sequence[FewShotNeuron] | None = None) -> Messages:
+    """OpenAI's token<tab>activation explainer prompt; the reply completes the prefix
+    ("... the main thing this neuron does is find")."""
+    t, prefix = load("openai")["explain"], load("common")["prefix"]
+    shots = _examples(examples)
+    msgs: list[Message] = [("system", t["system"])]
+    for i, ex in enumerate(shots):
+        msgs.append(("user", _openai_neuron(ex.records, i + 1, normalization, t, prefix)))
+        msgs.append(("assistant", t["answer"].format(explanation=ex.explanation)))
+    msgs.append(("user", _openai_neuron(records, len(shots) + 1, normalization, t, prefix)))
+    return tuple(msgs)
+
+
+def highlight_text(record: ActivationRecord, max_act: float, normalization: str = "floor",
+                   level: int = 1, marks: dict[str, Any] | None = None) -> str:
+    """The record as text, runs of tokens at normalised ``level`` or above marked <<so>>.
+
+    A token's leading whitespace stays outside the marks; newlines are written as ``\\n``.
+    """
+    m = load("highlight") if marks is None else marks
+    levels = normalize_activations(record.activations, max_act, normalization)
+    out: list[str] = []
+    inside = False
+    for token, lvl in zip(record.tokens, levels):
+        tok = token.replace("\n", m["newline"])
+        if lvl >= max(1, level):
+            if not inside:
+                lead = tok[: len(tok) - len(tok.lstrip())] if tok.strip() else ""
+                tok = lead + m["open"] + tok[len(lead):]
+                inside = True
+        elif inside:
+            out.append(m["close"])
+            inside = False
+        out.append(tok)
+    if inside:
+        out.append(m["close"])
+    return "".join(out)
+
+
+def _highlight_user(records: Sequence[ActivationRecord],
+                    negatives: Sequence[ActivationRecord] | None, normalization: str,
+                    level: int, t: dict[str, Any]) -> str:
+    top = max_activation(records)
+    parts = [t["activating_header"]]
+    parts += [t["example"].format(index=i + 1, text=highlight_text(r, top, normalization, level, t))
+              for i, r in enumerate(records)]
+    if negatives:
+        silent = 10 ** 9  # a level no token reaches: plain text
+        parts += ["", t["negative_header"]]
+        parts += [t["example"].format(index=i + 1, text=highlight_text(r, top, normalization,
+                                                                       silent, t))
+                  for i, r in enumerate(negatives)]
+    return "\n".join([*parts, "", t["ask"]])
+
+
+def _highlight_messages(records: Sequence[ActivationRecord],
+                        negatives: Sequence[ActivationRecord] | None, normalization: str,
+                        level: int, examples: Sequence[FewShotNeuron] | None) -> Messages:
+    t = load("highlight")
+    contrastive = negatives is not None
+    system = t["system"] + (t["contrastive_system"] if contrastive else "")
+    msgs: list[Message] = [("system", system)]
+    for ex in _examples(examples):
+        msgs.append(("user", _highlight_user(ex.records, ex.negatives if contrastive else None,
+                                             normalization, level, t)))
+        msgs.append(("assistant", t["answer"].format(explanation=ex.explanation)))
+    msgs.append(("user", _highlight_user(records, negatives, normalization, level, t)))
+    return tuple(msgs)
+
+
+def highlight_explain_messages(records: Sequence[ActivationRecord], normalization: str = "floor",
+                               level: int = 1,
+                               examples: Sequence[FewShotNeuron] | None = None) -> Messages:
+    """Delphi-style prompt: activating excerpts as text with <<marked>> tokens."""
+    return _highlight_messages(records, None, normalization, level, examples)
+
+
+def contrastive_explain_messages(records: Sequence[ActivationRecord],
+                                 negatives: Sequence[ActivationRecord],
+                                 normalization: str = "floor", level: int = 1,
+                                 examples: Sequence[FewShotNeuron] | None = None) -> Messages:
+    """The highlight prompt plus excerpts where the neuron stays silent, labelled so."""
+    return _highlight_messages(records, list(negatives), normalization, level, examples)
+
+
+# --- simulator prompts -------------------------------------------------------------------------
+
+
+def openai_simulate_prompt(explanation: str, tokens: Sequence[str],
+                           examples: Sequence[FewShotNeuron] | None = None,
+                           normalization: str = "floor") -> str:
+    """OpenAI's all-at-once simulation prompt as one raw completion string: few-shot neurons
+    with their activations, then the explanation and ``token<tab>unknown`` lines whose slots
+    are read through prompt logprobs."""
+    t, prefix = load("openai")["simulate"], load("common")["prefix"]
+    shots = _examples(examples)
+    parts = [t["system"]]
+    for i, ex in enumerate(shots):
+        parts.append(t["explanation"].format(index=i + 1, prefix=prefix,
+                                             explanation=ex.explanation))
+        parts.append(t["activations"].format(records=format_records(
+            ex.records, max_activation(ex.records), normalization)))
+    n = len(shots) + 1
+    parts.append(t["explanation"].format(index=n, prefix=prefix, explanation=explanation.strip()))
+    parts.append(t["target"].format(records=format_unknown([tokens])))
+    return "".join(parts)
+
+
+def _json_user(explanation: str, tokens: Sequence[str], t: dict[str, Any], prefix: str) -> str:
+    lines = "\n".join(t["token_line"].format(index=i, token=json.dumps(tok, ensure_ascii=False))
+                      for i, tok in enumerate(tokens))
+    return t["user"].format(prefix=prefix, explanation=explanation.strip(), n=len(tokens),
+                            tokens=lines)
+
+
+def json_simulate_messages(explanation: str, tokens: Sequence[str],
+                           examples: Sequence[FewShotNeuron] | None = None,
+                           normalization: str = "floor") -> Messages:
+    """Chat prompt whose reply is a JSON list of integers 0-10, one per token (no logprobs).
+    Each few-shot neuron contributes its first record."""
+    t, prefix = load("json_simulate"), load("common")["prefix"]
+    msgs: list[Message] = [("system", t["system"])]
+    for ex in _examples(examples):
+        rec = ex.records[0]
+        levels = normalize_activations(rec.activations, max_activation(ex.records), normalization)
+        msgs.append(("user", _json_user(ex.explanation, rec.tokens, t, prefix)))
+        msgs.append(("assistant", json.dumps(levels)))
+    msgs.append(("user", _json_user(explanation, tokens, t, prefix)))
+    return tuple(msgs)

@@ -1,0 +1,156 @@
+"""LLM simulators: ``openai`` (all-at-once, read through prompt logprobs) and ``json`` (a chat
+reply listing one integer per token, for models without logprobs).
+
+``openai`` sends one raw completion prompt whose target lines are ``token<tab>unknown`` and
+asks for the top logprobs of every prompt token (OpenAI ``echo`` semantics: entry i is the
+distribution of token i given the tokens before it, as llama.cpp, vLLM and the HF backend
+return). At each slot, the first token after a tab that begins "unknown", the expected value is
+sum(p(v) * v) over the digit tokens "0".."10", renormalised over those tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+
+from .formats import ActivationScale, SequenceSimulation
+from .llm import Client, Request, make_client
+from .prompts import json_simulate_messages, load, openai_simulate_prompt
+from .simulate import SIMULATORS, SimulateConfig, SimulationError, point_simulation
+
+log = logging.getLogger("neuroscribe")
+VALUES = {str(v): v for v in range(11)}
+FLAT_LIST = re.compile(r"\[[^\[\]]*\]")
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def unknown_slots(tokens: Sequence[str], marker: str = "unknown", sep: str = "\t") -> list[int]:
+    """Indices of the tokens that start an activation slot: text right after ``sep`` that
+    begins with ``marker`` (the marker may span several tokens)."""
+    starts, pos = [], 0
+    for tok in tokens:
+        starts.append(pos)
+        pos += len(tok)
+    text = "".join(tokens)
+    return [i for i, s in enumerate(starts)
+            if s > 0 and text[s - 1] == sep and text.startswith(marker, s)]
+
+
+def digit_distribution(top: dict[str, float]) -> tuple[list[float], list[float], float]:
+    """Values 0-10 among the top tokens, their probabilities renormalised over those tokens,
+    and the expected value (0 with an empty distribution when no digit token is there)."""
+    probs: dict[int, float] = {}
+    for token, logprob in top.items():
+        value = VALUES.get(token.strip())
+        if value is not None:
+            probs[value] = probs.get(value, 0.0) + math.exp(logprob)
+    total = sum(probs.values())
+    if total <= 0:
+        return [], [], 0.0
+    values = sorted(probs)
+    p = [probs[v] / total for v in values]
+    return [float(v) for v in values], p, sum(v * q for v, q in zip(values, p))
+
+
+def simulation_from_logprobs(echo_tokens: Sequence[str], top_logprobs: Sequence[dict[str, float]],
+                             tokens: Sequence[str], marker: str = "unknown") -> SequenceSimulation:
+    """Read the last ``len(tokens)`` slots of an echoed prompt into a simulation."""
+    if not echo_tokens or len(top_logprobs) < len(echo_tokens):
+        raise SimulationError(f"the backend returned {len(top_logprobs)} prompt logprobs for "
+                              f"{len(echo_tokens)} echoed tokens; the openai simulator needs "
+                              "prompt logprobs (use the json simulator otherwise)")
+    slots = unknown_slots(echo_tokens, marker)
+    if len(slots) < len(tokens):
+        raise SimulationError(f"found {len(slots)} '{marker}' slots in the echoed prompt for "
+                              f"{len(tokens)} tokens (the simulator's tokenizer merged the tab "
+                              "with the marker?)")
+    dists = [digit_distribution(top_logprobs[i]) for i in slots[len(slots) - len(tokens):]]
+    return SequenceSimulation(
+        tokens=list(tokens), expected_activations=[d[2] for d in dists],
+        activation_scale=ActivationScale.SIMULATED_NORMALIZED_ACTIVATIONS,
+        distribution_values=[d[0] for d in dists],
+        distribution_probabilities=[d[1] for d in dists])
+
+
+def parse_json_values(text: str, n: int) -> tuple[list[float], str]:
+    """Values 0-10 for ``n`` tokens from a reply, and what was repaired ('' when nothing).
+
+    A reply that is not exactly a JSON list of ``n`` numbers in 0-10 is repaired: the first
+    flat ``[...]`` list is taken, its numbers padded with 0 or truncated to ``n`` and clamped
+    to 0-10. Raises SimulationError when there is no list or it holds no number.
+    """
+    try:
+        data = json.loads(text.strip())
+    except json.JSONDecodeError:
+        data = None
+    if (isinstance(data, list) and len(data) == n and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 10
+            for x in data)):
+        return [float(x) for x in data], ""
+    found = FLAT_LIST.search(text)
+    if found is None:
+        raise SimulationError(f"no JSON list in the reply: {text[:80]!r}")
+    nums = [float(x) for x in NUMBER.findall(found.group(0))]
+    if n and not nums:
+        raise SimulationError(f"the reply's list holds no numbers: {found.group(0)[:80]!r}")
+    notes = [] if isinstance(data, list) else ["list extracted from the reply"]
+    if len(nums) != n:
+        notes.append(f"{len(nums)} values for {n} tokens")
+    values = (nums + [0.0] * n)[:n]
+    clamped = [min(10.0, max(0.0, v)) for v in values]
+    if clamped != values:
+        notes.append("clamped to 0-10")
+    return clamped, "; ".join(notes) or "repaired"
+
+
+class LLMSimulator:
+    """A simulator that calls an LLM through a Client; ``stats`` counts outcomes."""
+
+    def __init__(self, cfg: SimulateConfig, client: Client | None = None) -> None:
+        self.cfg = cfg
+        self.client = client if client is not None else make_client(cfg)
+        self.stats: Counter[str] = Counter()
+
+
+class OpenAISimulator(LLMSimulator):
+    """OpenAI's all-at-once simulator: one prompt-logprobs request per sequence."""
+
+    async def simulate(self, explanation: str, tokens: Sequence[str]) -> SequenceSimulation:
+        prompt = openai_simulate_prompt(explanation, tokens)
+        resp = await self.client.complete(Request(
+            prompt=prompt, max_tokens=1, prompt_logprobs=self.cfg.sim_top_logprobs,
+            stage="score"))
+        try:
+            sim = simulation_from_logprobs(resp.tokens, resp.top_logprobs, tokens,
+                                           load("common")["records"]["unknown"])
+        except SimulationError:
+            self.stats["failed"] += 1
+            raise
+        self.stats["simulated"] += 1
+        return sim
+
+
+class JSONSimulator(LLMSimulator):
+    """Asks a chat model for a JSON list of 0-10 integers, one per token; repairs what it
+    can (see ``parse_json_values``) and raises SimulationError otherwise."""
+
+    async def simulate(self, explanation: str, tokens: Sequence[str]) -> SequenceSimulation:
+        msgs = json_simulate_messages(explanation, tokens)
+        resp = await self.client.complete(Request(
+            messages=msgs, max_tokens=4 * len(tokens) + 32, temperature=0.0, stage="score"))
+        try:
+            values, repaired = parse_json_values(resp.text, len(tokens))
+        except SimulationError:
+            self.stats["failed"] += 1
+            raise
+        if repaired:
+            log.info("json simulator: repaired a reply (%s)", repaired)
+        self.stats["repaired" if repaired else "exact"] += 1
+        return point_simulation(tokens, values)
+
+
+SIMULATORS.update({"openai": OpenAISimulator, "json": JSONSimulator})

@@ -1,0 +1,136 @@
+"""Exact strings of every prompt builder for tiny inputs.
+
+Structure (lines, separators, numbering, normalised values, marks) is written out literally
+here; only the long system prose is taken from the template files.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from neuroscribe import prompts
+from neuroscribe.formats import ActivationRecord
+from neuroscribe.prompts import FewShotNeuron
+
+PREFIX = "the main thing this neuron does is find"
+SHOT = FewShotNeuron(
+    explanation="odd things",
+    records=(ActivationRecord(["a", " b"], [0.0, 2.0]),),
+    negatives=(ActivationRecord(["c"], [0.0]),))
+
+
+def test_format_records_floor_ceil_and_zeros() -> None:
+    recs = [ActivationRecord(["x", " y"], [0.35, 1.0]), ActivationRecord([" z"], [-0.5])]
+    assert prompts.format_records(recs, 1.0, "floor") == (
+        "\n<start>\nx\t3\n y\t10\n<end>\n<start>\n z\t0\n<end>\n")
+    assert prompts.format_records(recs, 1.0, "ceil") == (
+        "\n<start>\nx\t4\n y\t10\n<end>\n<start>\n z\t0\n<end>\n")
+    assert prompts.format_records(recs, 1.0, "floor", omit_zeros=True) == (
+        "\n<start>\nx\t3\n y\t10\n<end>\n<start>\n\n<end>\n")
+    assert prompts.format_unknown([["{a}", " b"]]) == (
+        "\n<start>\n{a}\tunknown\n b\tunknown\n<end>\n")
+    assert prompts.nonzero_proportion(recs, 1.0) == pytest.approx(2 / 3)
+
+
+def test_openai_explain_messages() -> None:
+    target = [ActivationRecord(["x", " y", " z", " w", " v", " u"],
+                               [0.0, 0.0, 3.0, 0.0, -1.0, 0.0])]
+    system = prompts.load("openai")["explain"]["system"]
+    assert prompts.openai_explain_messages(target, "floor", [SHOT]) == (
+        ("system", system),
+        ("user", "\n\nNeuron 1\nActivations:\n<start>\na\t0\n b\t10\n<end>\n"
+                 f"\nExplanation of neuron 1 behavior: {PREFIX}"),
+        ("assistant", " odd things."),
+        ("user", "\n\nNeuron 2\nActivations:\n<start>\nx\t0\n y\t0\n z\t10\n w\t0\n v\t0\n"
+                 " u\t0\n<end>\n"
+                 "\nSame activations, but with all zeros filtered out:\n<start>\n z\t10\n<end>\n"
+                 f"\nExplanation of neuron 2 behavior: {PREFIX}"),
+    )
+
+
+def test_openai_explain_uses_the_configured_normalization() -> None:
+    target = [ActivationRecord(["p", " q"], [0.35, 1.0])]
+    floor = prompts.openai_explain_messages(target, "floor", [])
+    ceil = prompts.openai_explain_messages(target, "ceil", [])
+    assert floor[1][1] == ("\n\nNeuron 1\nActivations:\n<start>\np\t3\n q\t10\n<end>\n"
+                           f"\nExplanation of neuron 1 behavior: {PREFIX}")
+    assert ceil[1][1] == floor[1][1].replace("p\t3", "p\t4")
+
+
+def test_highlight_text_marks_runs_and_keeps_spaces_outside() -> None:
+    rec = ActivationRecord(["The", " big", " cat", " sat", "\n", " ", "!"],
+                           [0.0, 5.0, 6.0, 0.0, 0.0, 6.0, 0.0])
+    assert prompts.highlight_text(rec, 6.0, "floor", 5) == "The <<big cat>> sat\\n<< >>!"
+    assert prompts.highlight_text(rec, 6.0, "floor", 10) == "The big <<cat>> sat\\n<< >>!"
+    assert prompts.highlight_text(rec, 6.0, "floor", 11) == "The big cat sat\\n !"
+
+
+def test_highlight_explain_messages() -> None:
+    target = [ActivationRecord(["The", " big", " cat", " sat", "\n"], [0.0, 5.0, 6.0, 0.0, 0.0]),
+              ActivationRecord([" cat", "!"], [3.0, 0.0])]
+    t = prompts.load("highlight")
+    assert prompts.highlight_explain_messages(target, "floor", 5, [SHOT]) == (
+        ("system", t["system"]),
+        ("user", "Excerpts where the neuron fires:\n1. a <<b>>\n\nWhat does the neuron find?"),
+        ("assistant", "Explanation: odd things"),
+        ("user", "Excerpts where the neuron fires:\n1. The <<big cat>> sat\\n\n2.  <<cat>>!\n"
+                 "\nWhat does the neuron find?"),
+    )
+
+
+def test_contrastive_explain_messages() -> None:
+    target = [ActivationRecord([" cat", "!"], [3.0, 0.0])]
+    negatives = [ActivationRecord([" dog", " ran"], [0.0, 9.0])]  # shown as plain text
+    t = prompts.load("highlight")
+    assert prompts.contrastive_explain_messages(target, negatives, "ceil", 1, [SHOT]) == (
+        ("system", t["system"] + t["contrastive_system"]),
+        ("user", "Excerpts where the neuron fires:\n1. a <<b>>\n"
+                 "\nExcerpts where the neuron does not fire:\n1. c\n"
+                 "\nWhat does the neuron find?"),
+        ("assistant", "Explanation: odd things"),
+        ("user", "Excerpts where the neuron fires:\n1.  <<cat>>!\n"
+                 "\nExcerpts where the neuron does not fire:\n1.  dog ran\n"
+                 "\nWhat does the neuron find?"),
+    )
+
+
+def test_openai_simulate_prompt_is_one_raw_string() -> None:
+    system = prompts.load("openai")["simulate"]["system"]
+    assert prompts.openai_simulate_prompt(" cats ", [" the", "{cat}"], [SHOT]) == (
+        system
+        + f"\n\nNeuron 1\nExplanation of neuron 1 behavior: {PREFIX} odd things"
+        + "\nActivations: \n<start>\na\t0\n b\t10\n<end>\n\n"
+        + f"\n\nNeuron 2\nExplanation of neuron 2 behavior: {PREFIX} cats"
+        + "\nActivations: \n<start>\n the\tunknown\n{cat}\tunknown\n<end>\n")
+
+
+def test_json_simulate_messages() -> None:
+    system = prompts.load("json_simulate")["system"]
+    assert prompts.json_simulate_messages("cats", [" the", "\n"], [SHOT]) == (
+        ("system", system),
+        ("user", f"Explanation: {PREFIX} odd things\nTokens (2):\n0\t\"a\"\n1\t\" b\"\n"
+                 "Reply with a JSON list of 2 integers from 0 to 10."),
+        ("assistant", "[0, 10]"),
+        ("user", f"Explanation: {PREFIX} cats\nTokens (2):\n0\t\" the\"\n1\t\"\\n\"\n"
+                 "Reply with a JSON list of 2 integers from 0 to 10."),
+    )
+
+
+def test_default_few_shot_examples_are_well_formed() -> None:
+    shots = prompts.few_shot_neurons()
+    assert len(shots) == 3
+    for shot in shots:
+        assert shot.explanation and not shot.explanation.endswith(".")
+        for rec in (*shot.records, *shot.negatives):
+            assert len(rec.tokens) == len(rec.activations)
+        assert all(max(r.activations) > 0 for r in shot.records)
+        assert all(max(r.activations) == 0 for r in shot.negatives)
+    target = [ActivationRecord(["x"], [1.0])]
+    assert len(prompts.openai_explain_messages(target)) == 2 + 2 * len(shots)
+    assert len(prompts.contrastive_explain_messages(target, [])) == 2 + 2 * len(shots)
+    assert prompts.openai_simulate_prompt("e", ["x"]).count("\tunknown") == 1
+    # Every template file is valid JSON with a description.
+    for name in ("common", "openai", "highlight", "json_simulate", "cleaning", "examples"):
+        assert json.loads(json.dumps(prompts.load(name)))["description"]
