@@ -351,7 +351,8 @@ def test_every_subcommand_has_help(command: str | None,
         return
     assert cli.COMMANDS[command][1] in " ".join(out.split())
     wanted = ["--debug", "--verbose"]
-    wanted += ["--filter"] if command == "hookpoints" else ["--resume"]
+    extra = {"hookpoints": ["--filter"], "puzzles": ["--puzzles", "--out"]}
+    wanted += extra.get(command, ["--resume"])
     wanted += ["--out"] if command in ("record", "run") else []
     for cls in cli._stage_configs().get(command, []):
         for f in dataclasses.fields(cls):

