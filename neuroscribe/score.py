@@ -147,3 +147,33 @@ def score_records(
     if calibration is not None:
         sims = [calibrate(s, calibration) for s in sims]
     return aggregate([score_sequence(r, s) for r, s in zip(records, sims)])
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties count 1/2."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    pos, neg = s[y], s[~y]
+    if pos.size == 0 or neg.size == 0:
+        return math.nan
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (pos.size * neg.size))
+
+
+def balanced_accuracy(predicted: Sequence[bool], labels: Sequence[bool]) -> float:
+    """Mean of the true-positive rate and the true-negative rate."""
+    p = np.asarray(predicted, dtype=bool)
+    y = np.asarray(labels, dtype=bool)
+    if y.all() or not y.any():
+        return math.nan
+    return float(((p & y).sum() / y.sum() + (~p & ~y).sum() / (~y).sum()) / 2)
+
+
+def f1_score(predicted: Sequence[bool], labels: Sequence[bool]) -> float:
+    """2 TP / (2 TP + FP + FN); 0 when there is nothing to find and nothing found is NaN."""
+    p = np.asarray(predicted, dtype=bool)
+    y = np.asarray(labels, dtype=bool)
+    tp, fp, fn = (p & y).sum(), (p & ~y).sum(), (~p & y).sum()
+    denom = 2 * tp + fp + fn
+    return math.nan if denom == 0 else float(2 * tp / denom)
