@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import UserError
-from .formats import SPLITS_RANDOM, ActivationRecord, NeuronRecord
+from .formats import SPLITS_RANDOM, ActivationRecord
 from .llm import LLMConfig, usage_of
 from .runs import claim_stage, opt, parse_units, save_stage, write_json
 from .score import NORMALIZATIONS, max_activation, normalize_activations
@@ -146,10 +146,6 @@ def explanation_path(run_dir: Path, hookpoint: str, unit: int) -> Path:
     return run_dir / "explanations" / hookpoint.replace(":", "__") / f"{unit}.json"
 
 
-def split_records(nr: NeuronRecord, name: str, n_per_split: int) -> list[ActivationRecord]:
-    return nr.split(name, n_per_split or None)
-
-
 def explain(cfg: ExplainConfig, run_dir: Path, resume: bool = False,
             explainer: Explainer | None = None) -> dict[str, Any]:
     """Explain the chosen units of every recorded hookpoint; one JSON file per unit.
@@ -191,7 +187,7 @@ async def _explain_units(cfg: ExplainConfig, run_dir: Path, store: Any, explaine
             return True
         async with in_flight:
             nr = store.neuron_record(hp, unit)
-            train = split_records(nr, "train", cfg.n_per_split)
+            train = nr.split("train", cfg.n_per_split or None)
             background = nr.random_split(SPLITS_RANDOM[0], cfg.n_per_split or None)
             entry: dict[str, Any] = {"hookpoint": hp, "unit": unit, "explainer": cfg.explainer}
             try:

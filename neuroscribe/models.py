@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib.util
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -167,10 +166,3 @@ def run_to_hooks(model: Any, input_ids: Any, store: dict[str, Any]) -> dict[str,
         model(input_ids=input_ids, use_cache=False)
     return dict(store)
 
-
-def threads_default() -> None:
-    """Use every core for torch unless the user chose (OMP_NUM_THREADS)."""
-    import torch
-
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(os.cpu_count() or 1)
