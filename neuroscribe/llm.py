@@ -188,10 +188,18 @@ class Client:
         return {stage: dataclasses.asdict(u) for stage, u in self.usage.items()}
 
 
-def usage_of(user: Any) -> dict[str, dict[str, Any]]:
-    """The LLM usage report of an explainer or simulator (empty when it calls no LLM)."""
-    client = getattr(user, "client", None)
-    return client.usage_report() if isinstance(client, Client) else {}
+def usage_of(*users: Any) -> dict[str, dict[str, Any]]:
+    """The LLM usage of explainers, simulators or scorers, summed per stage over their
+    distinct clients (empty when none calls an LLM)."""
+    clients = {id(c): c for u in users
+               if isinstance(c := getattr(u, "client", None), Client)}.values()
+    total: dict[str, dict[str, Any]] = {}
+    for client in clients:
+        for stage, use in client.usage_report().items():
+            acc = total.setdefault(stage, dict.fromkeys(use, 0))
+            for k, v in use.items():
+                acc[k] += v
+    return total
 
 
 def default_cache_dir() -> Path:

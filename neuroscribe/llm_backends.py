@@ -138,15 +138,18 @@ class LlamaCppBackend:
                 out = self.llm.create_chat_completion(
                     messages=[{"role": r, "content": c} for r, c in req.messages], **kw)
                 text = out["choices"][0]["message"]["content"] or ""
+                tokens, tops = _chat_logprobs(out["choices"][0])
             else:
                 kw.pop("top_logprobs", None)
                 if req.top_logprobs:
                     kw["logprobs"] = req.top_logprobs
                 out = self.llm.create_completion(prompt=req.prompt, **kw)
                 text = out["choices"][0]["text"]
+                tokens, tops = [], []
             usage = out.get("usage", {})
             return Response(text=text, prompt_tokens=usage.get("prompt_tokens", 0),
-                            completion_tokens=usage.get("completion_tokens", 0))
+                            completion_tokens=usage.get("completion_tokens", 0),
+                            tokens=tokens, top_logprobs=tops)
 
     async def complete(self, req: Request) -> Response:
         return await asyncio.to_thread(self._run, req)
@@ -214,9 +217,7 @@ class OpenAIBackend(_HTTPBackend):
                 data = await self._post("/chat/completions", body)
                 choice = data["choices"][0]
                 text = choice["message"]["content"] or ""
-                lp = (choice.get("logprobs") or {}).get("content") or []
-                tokens = [t["token"] for t in lp]
-                tops = [{x["token"]: x["logprob"] for x in t.get("top_logprobs", [])} for t in lp]
+                tokens, tops = _chat_logprobs(choice)
             else:
                 body["prompt"] = req.prompt
                 if req.prompt_logprobs:  # echo (OpenAI, llama.cpp) and prompt_logprobs (vLLM)
@@ -234,6 +235,13 @@ class OpenAIBackend(_HTTPBackend):
                             tokens=tokens, top_logprobs=tops)
         except (KeyError, IndexError, TypeError) as e:
             raise Retryable(f"malformed reply: missing {e}") from e
+
+
+def _chat_logprobs(choice: dict[str, Any]) -> tuple[list[str], list[dict[str, float]]]:
+    """Generated tokens and their top logprobs from an OpenAI-format chat choice."""
+    lp = (choice.get("logprobs") or {}).get("content") or []
+    return ([t["token"] for t in lp],
+            [{x["token"]: x["logprob"] for x in t.get("top_logprobs") or []} for t in lp])
 
 
 def _completion_logprobs(choice: dict[str, Any], data: dict[str, Any],

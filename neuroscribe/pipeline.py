@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .classify import ClassifyConfig, Scorer, classify_unit, make_scorers, scorer_names
 from .errors import UserError
 from .explain import ExplainConfig, explain
 from .formats import NeuronSimulationResults, ScoredExplanation, SequenceSimulation, dumps
@@ -18,15 +19,15 @@ from .llm import LLMError, usage_of
 from .record import RecordConfig, RecordStore, record
 from .runs import atomic_write_text, claim_stage, opt, save_stage, write_json
 from .score import LinearCalibration, correlation_score, flatten, score_records
-from .simulate import SimulateConfig, SimulationError, Simulator, make_simulator
+from .simulate import SimulationError, Simulator, make_simulator
 
 log = logging.getLogger("neuroscribe")
 VARIANTS = ("all", "top", "random")
 
 
 @dataclass
-class ScoreConfig(SimulateConfig):
-    """How to score explanations (simulator options plus the splits)."""
+class ScoreConfig(ClassifyConfig):
+    """How to score explanations (simulator and extra scorer options plus the splits)."""
 
     n_per_split: int = opt(0, "records per split (0: all recorded, split evenly)")
     calibrate: bool = opt(True, "fit a linear calibration on the calibration split (OpenAI)")
@@ -148,11 +149,13 @@ def score(cfg: ScoreConfig, run_dir: Path, resume: bool = False,
     store = RecordStore(run_dir)
     claim_stage(run_dir, "score", cfg, resume)
     sim = sim or make_simulator(cfg)
+    scorers = make_scorers(cfg, getattr(sim, "client", None))
     todo = sorted((run_dir / "explanations").glob("*/*.json"))
     # Saved before the first unit, so an interrupted stage still guards its config.
     save_stage(run_dir, "score", cfg, complete=False)
-    counts = asyncio.run(_score_units(cfg, run_dir, store, sim, todo, resume))
-    save_stage(run_dir, "score", cfg, complete=True, **counts, llm_usage=usage_of(sim),
+    counts = asyncio.run(_score_units(cfg, run_dir, store, sim, scorers, todo, resume))
+    save_stage(run_dir, "score", cfg, complete=True, **counts,
+               llm_usage=usage_of(sim, *scorers.values()),
                simulator_stats=dict(getattr(sim, "stats", {})))
     if counts["failed"]:
         log.warning("score: %d units failed to simulate (see 'failure' in scores/*.scores.json)",
@@ -162,7 +165,8 @@ def score(cfg: ScoreConfig, run_dir: Path, resume: bool = False,
 
 
 async def _score_units(cfg: ScoreConfig, run_dir: Path, store: RecordStore, sim: Simulator,
-                       todo: list[Path], resume: bool) -> dict[str, int]:
+                       scorers: dict[str, Scorer], todo: list[Path],
+                       resume: bool) -> dict[str, int]:
     """Units one after another on one event loop (a unit's simulations run concurrently)."""
     from tqdm import tqdm
 
@@ -185,6 +189,9 @@ async def _score_units(cfg: ScoreConfig, run_dir: Path, store: RecordStore, sim:
                        {**detail, "failure": res["failure"]})
             failed += 1
             continue
+        if scorers:
+            detail["classification"] = await classify_unit(scorers, res["explanation"], nr,
+                                                           cfg.n_per_split or None)
         write_json(score_path(run_dir, hp, unit, "scores"), detail)
         atomic_write_text(out, dumps(NeuronSimulationResults(
             neuron_id=nr.neuron_id,
@@ -204,6 +211,7 @@ def run(rc: RecordConfig, ec: ExplainConfig, sc: ScoreConfig, run_dir: Path,
                               (sc.simulator, SIMULATORS, "simulator")):
         if name not in known:
             raise UserError(f"unknown {flag} {name!r}; have {sorted(known)}")
+    scorer_names(sc)
     record(rc, run_dir, resume)
     explain(ec, run_dir, resume)
     return score(sc, run_dir, resume)

@@ -24,7 +24,10 @@ CREATE TABLE explanations (hookpoint TEXT, unit INTEGER, explainer TEXT, explana
 CREATE TABLE scores (hookpoint TEXT, unit INTEGER, simulator TEXT, split TEXT, variant TEXT,
   ev_correlation REAL, rsquared REAL, absolute_dev REAL, explanation TEXT);
 CREATE INDEX scores_by_value ON scores (split, variant, ev_correlation);
+CREATE TABLE classification (hookpoint TEXT, unit INTEGER, scorer TEXT, metric TEXT,
+  value REAL, PRIMARY KEY (hookpoint, unit, scorer, metric));
 """
+METRICS = ("balanced_accuracy", "f1", "auroc")
 
 
 def _finite(x: Any) -> float | None:
@@ -68,6 +71,10 @@ def index_run(run_dir: Path) -> Path:
                            (s["hookpoint"], s["unit"], s["simulator"], split, variant,
                             v["ev_correlation_score"], v["rsquared_score"],
                             v["absolute_dev_explained_score"], s.get("explanation")))
+            for scorer, m in (s.get("classification") or {}).items():
+                db.executemany("INSERT INTO classification VALUES (?,?,?,?,?)",
+                               [(s["hookpoint"], s["unit"], scorer, k, m[k])
+                                for k in METRICS if m.get(k) is not None])
         db.commit()
         db.close()
     return target
@@ -100,9 +107,15 @@ def summarize(run_dir: Path, show: int = 10) -> dict[str, Any]:
         "WHERE s.split='valid' AND s.variant='all' "
         "ORDER BY s.ev_correlation IS NULL, s.ev_correlation DESC").fetchall()
     failed = db.execute("SELECT COUNT(*) FROM explanations WHERE failure IS NOT NULL").fetchone()[0]
+    classification = {}
+    for scorer, metric in db.execute(
+            "SELECT DISTINCT scorer, metric FROM classification ORDER BY 1, 2"):
+        classification[f"{scorer}_{metric}"] = _describe([r[0] for r in db.execute(
+            "SELECT value FROM classification WHERE scorer=? AND metric=?", (scorer, metric))])
     db.close()
     vals = [r[2] for r in rows if r[2] is not None]
-    summary = {"distribution": dist, "failed_explanations": failed,
+    summary = {"distribution": dist, "classification": classification,
+               "failed_explanations": failed,
                "best": [list(r) for r in rows[:show]],
                "worst": [list(r) for r in rows[max(show, len(rows) - show):]]}
     write_json(run_dir / "summary.json", summary)
@@ -139,6 +152,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         if d["n"]:
             lines.append(f"  {key:<14}{d['n']:>5}{d['mean']:>8.3f}{d['p10']:>8.3f}"
                          f"{d['median']:>8.3f}{d['p90']:>8.3f}")
+    if summary.get("classification"):
+        lines.append("scorers without logprobs (valid + test records):")
+        lines += [f"  {key:<25}{d['n']:>5}{d['mean']:>8.3f}{d['p10']:>8.3f}{d['median']:>8.3f}"
+                  f"{d['p90']:>8.3f}" for key, d in summary["classification"].items() if d["n"]]
     lines.append(f"failed explanations: {summary['failed_explanations']}")
     for title, rows in (("best units", summary["best"]), ("worst units", summary["worst"])):
         if not rows:

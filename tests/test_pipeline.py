@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import shutil
 import sqlite3
 from pathlib import Path
@@ -632,3 +633,52 @@ def test_score_unit_is_deterministic(cli_run: Path) -> None:
     assert a["scores"] == b["scores"]
     saved = json.loads(score_path(run, hp, unit, "scores").read_text())
     assert saved["scores"] == json.loads(json.dumps(a["scores"]))
+
+
+def test_scorers_without_logprobs_in_the_score_stage(cli_run: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--scorers detection,embedding``: metrics on the valid and test records only, in each
+    unit's scores file, the index and the summary; the LLM says 1 to every example."""
+    from test_llm_explain import FakeBackend
+
+    from neuroscribe import classify
+    from neuroscribe.llm import Client, LLMConfig, Request, Response
+
+    seen: list[str] = []
+
+    def reply(req: Request) -> Response:
+        seen.append(req.messages[1][1])
+        n = req.messages[1][1].count("\nExample ")
+        return Response(text=json.dumps([1] * n), prompt_tokens=10, completion_tokens=n)
+
+    fake = Client(FakeBackend(reply), LLMConfig(retries=0), None)
+    monkeypatch.setattr(classify, "make_client", lambda cfg: fake)
+    out = tmp_path / "run"
+    shutil.copytree(cli_run, out, ignore=shutil.ignore_patterns(
+        "scores", "score.json", "index.sqlite", "summary.json", "score_hist.png"))
+    summary = score(ScoreConfig(simulator="tokens", scorers="detection,embedding",
+                                  active_threshold=0.7), out)
+    store = RecordStore(out)
+    checked, shown_ok = 0, set()
+    for e in explained(out):
+        if "explanation" not in e:
+            continue
+        detail = json.loads(score_path(out, e["hookpoint"], e["unit"], "scores").read_text())
+        nr = store.neuron_record(e["hookpoint"], e["unit"])
+        held_out = [r for s in ("valid", "test") for r in nr.top_split(s) + nr.random_split(s)]
+        shown_ok |= {"".join(r.tokens) for r in held_out}
+        top = max(max(r.activations) for r in held_out)
+        active = sum(max(r.activations) >= 0.7 * top for r in held_out)
+        det, emb = detail["classification"]["detection"], detail["classification"]["embedding"]
+        assert (det["n"], det["n_active"]) == (len(held_out), active)
+        if 0 < active < len(held_out):  # answering 1 to everything: chance, and F1 from counts
+            assert det["balanced_accuracy"] == 0.5
+            assert det["f1"] == pytest.approx(2 * active / (len(held_out) + active), abs=1e-6)
+            assert 0.0 <= emb["auroc"] <= 1.0
+            checked += 1
+    assert checked >= 1
+    shown = {json.loads(m) for p in seen for m in re.findall(r"^Example \d+: (.*)$", p, re.M)}
+    assert shown and shown <= shown_ok  # only valid and test records reach the LLM
+    assert summary["classification"]["detection_balanced_accuracy"]["mean"] == 0.5
+    stage = json.loads((out / "score.json").read_text())
+    assert stage["llm_usage"]["score"]["calls"] == len(seen)
