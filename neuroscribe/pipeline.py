@@ -47,6 +47,10 @@ SIMULATION_ERRORS = (SimulationError, LLMError)
 
 async def simulate_records(sim: Simulator, explanation: str,
                            records: Sequence[Any]) -> list[SequenceSimulation]:
+    """One simulation per record; a simulator with ``simulate_many`` gets them all at once."""
+    many = getattr(sim, "simulate_many", None)
+    if many is not None:
+        return list(await many(explanation, [r.tokens for r in records]))
     return list(await asyncio.gather(*[sim.simulate(explanation, r.tokens) for r in records]))
 
 

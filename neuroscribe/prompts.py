@@ -198,6 +198,14 @@ def openai_simulate_prompt(explanation: str, tokens: Sequence[str],
     """OpenAI's all-at-once simulation prompt as one raw completion string: few-shot neurons
     with their activations, then the explanation and ``token<tab>unknown`` lines whose slots
     are read through prompt logprobs."""
+    return openai_simulate_prompt_many(explanation, [tokens], examples, normalization)
+
+
+def openai_simulate_prompt_many(explanation: str, sequences: Sequence[Sequence[str]],
+                                examples: Sequence[FewShotNeuron] | None = None,
+                                normalization: str = "floor") -> str:
+    """The same prompt with several sequences to fill at once (the few-shot part is paid once
+    per prompt instead of once per sequence)."""
     t, prefix = load("openai")["simulate"], load("common")["prefix"]
     shots = _examples(examples)
     parts = [t["system"]]
@@ -208,7 +216,7 @@ def openai_simulate_prompt(explanation: str, tokens: Sequence[str],
             ex.records, max_activation(ex.records), normalization)))
     n = len(shots) + 1
     parts.append(t["explanation"].format(index=n, prefix=prefix, explanation=explanation.strip()))
-    parts.append(t["target"].format(records=format_unknown([tokens])))
+    parts.append(t["target"].format(records=format_unknown(sequences)))
     return "".join(parts)
 
 

@@ -38,6 +38,9 @@ class SimulateConfig(LLMConfig):
     embed_device: str = opt("cpu", "device of the sentence-embedding model")
     sim_top_logprobs: int = opt(15, "top logprobs read at each 'unknown' slot by the openai "
                                 "simulator")
+    sim_batch_tokens: int = opt(0, "openai simulator: most record tokens filled in one prompt "
+                                "(0: one prompt per record, as OpenAI; more saves the "
+                                "few-shot part on every record after the first)")
 
 
 class SimulationError(Exception):

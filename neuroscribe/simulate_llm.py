@@ -10,6 +10,7 @@ sum(p(v) * v) over the digit tokens "0".."10", renormalised over those tokens.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 
 from .formats import ActivationScale, SequenceSimulation
 from .llm import Client, Request, make_client
-from .prompts import json_simulate_messages, load, openai_simulate_prompt
+from .prompts import json_simulate_messages, load, openai_simulate_prompt_many
 from .simulate import SIMULATORS, SimulateConfig, SimulationError, point_simulation
 
 log = logging.getLogger("neuroscribe")
@@ -59,21 +60,48 @@ def digit_distribution(top: dict[str, float]) -> tuple[list[float], list[float],
 def simulation_from_logprobs(echo_tokens: Sequence[str], top_logprobs: Sequence[dict[str, float]],
                              tokens: Sequence[str], marker: str = "unknown") -> SequenceSimulation:
     """Read the last ``len(tokens)`` slots of an echoed prompt into a simulation."""
+    return simulations_from_logprobs(echo_tokens, top_logprobs, [tokens], marker)[0]
+
+
+def simulations_from_logprobs(echo_tokens: Sequence[str],
+                              top_logprobs: Sequence[dict[str, float]],
+                              sequences: Sequence[Sequence[str]],
+                              marker: str = "unknown") -> list[SequenceSimulation]:
+    """Read the last slots of an echoed prompt, in order, into one simulation per sequence."""
     if not echo_tokens or len(top_logprobs) < len(echo_tokens):
         raise SimulationError(f"the backend returned {len(top_logprobs)} prompt logprobs for "
                               f"{len(echo_tokens)} echoed tokens; the openai simulator needs "
                               "prompt logprobs (use the json simulator otherwise)")
     slots = unknown_slots(echo_tokens, marker)
-    if len(slots) < len(tokens):
+    total = sum(len(t) for t in sequences)
+    if len(slots) < total:
         raise SimulationError(f"found {len(slots)} '{marker}' slots in the echoed prompt for "
-                              f"{len(tokens)} tokens (the simulator's tokenizer merged the tab "
+                              f"{total} tokens (the simulator's tokenizer merged the tab "
                               "with the marker?)")
-    dists = [digit_distribution(top_logprobs[i]) for i in slots[len(slots) - len(tokens):]]
-    return SequenceSimulation(
-        tokens=list(tokens), expected_activations=[d[2] for d in dists],
-        activation_scale=ActivationScale.SIMULATED_NORMALIZED_ACTIVATIONS,
-        distribution_values=[d[0] for d in dists],
-        distribution_probabilities=[d[1] for d in dists])
+    dists = [digit_distribution(top_logprobs[i]) for i in slots[len(slots) - total:]]
+    out, start = [], 0
+    for tokens in sequences:
+        part, start = dists[start:start + len(tokens)], start + len(tokens)
+        out.append(SequenceSimulation(
+            tokens=list(tokens), expected_activations=[d[2] for d in part],
+            activation_scale=ActivationScale.SIMULATED_NORMALIZED_ACTIVATIONS,
+            distribution_values=[d[0] for d in part],
+            distribution_probabilities=[d[1] for d in part]))
+    return out
+
+
+def chunks_by_tokens(sequences: Sequence[Sequence[str]], budget: int) -> list[list[int]]:
+    """Consecutive groups of sequence indices whose token counts sum to at most ``budget``
+    (a longer sequence gets a group of its own; budget 0 puts each in its own group)."""
+    groups: list[list[int]] = []
+    used = budget + 1
+    for i, seq in enumerate(sequences):
+        if budget <= 0 or used + len(seq) > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += len(seq)
+    return groups
 
 
 def parse_json_values(text: str, n: int) -> tuple[list[float], str]:
@@ -117,21 +145,33 @@ class LLMSimulator:
 
 
 class OpenAISimulator(LLMSimulator):
-    """OpenAI's all-at-once simulator: one prompt-logprobs request per sequence."""
+    """OpenAI's all-at-once simulator: one prompt-logprobs request per sequence, or per group
+    of sequences up to ``sim_batch_tokens`` record tokens (``simulate_many``)."""
 
     async def simulate(self, explanation: str, tokens: Sequence[str]) -> SequenceSimulation:
-        prompt = openai_simulate_prompt(explanation, tokens)
+        return (await self._prompt(explanation, [tokens]))[0]
+
+    async def simulate_many(self, explanation: str,
+                            sequences: Sequence[Sequence[str]]) -> list[SequenceSimulation]:
+        groups = chunks_by_tokens(sequences, self.cfg.sim_batch_tokens)
+        done = await asyncio.gather(*[self._prompt(explanation, [sequences[i] for i in g])
+                                      for g in groups])
+        return [s for part in done for s in part]
+
+    async def _prompt(self, explanation: str,
+                      sequences: Sequence[Sequence[str]]) -> list[SequenceSimulation]:
+        prompt = openai_simulate_prompt_many(explanation, sequences)
         resp = await self.client.complete(Request(
             prompt=prompt, max_tokens=1, prompt_logprobs=self.cfg.sim_top_logprobs,
             stage="score"))
         try:
-            sim = simulation_from_logprobs(resp.tokens, resp.top_logprobs, tokens,
-                                           load("common")["records"]["unknown"])
+            sims = simulations_from_logprobs(resp.tokens, resp.top_logprobs, sequences,
+                                             load("common")["records"]["unknown"])
         except SimulationError:
             self.stats["failed"] += 1
             raise
-        self.stats["simulated"] += 1
-        return sim
+        self.stats["simulated"] += len(sims)
+        return sims
 
 
 class JSONSimulator(LLMSimulator):

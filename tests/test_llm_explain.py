@@ -411,3 +411,33 @@ def test_score_stage_picks_candidates_and_records_failures(
     assert not score_path(run, "h.0", 1).exists()
     saved = json.loads((run / "score.json").read_text())
     assert (saved["scored"], saved["failed"]) == (1, 1)
+
+
+def _echo_with_cat_detector(req: Request) -> Response:
+    """Echo the prompt split at tabs and newlines; at each 'unknown' slot predict 10 when the
+    line's token contains 'cat', else 0."""
+    import re as _re
+
+    toks = _re.findall(r"unknown|\t|\n|[^\t\n]+", req.prompt)
+    tops: list[dict[str, float]] = []
+    for i, t in enumerate(toks):
+        cat = t == "unknown" and i >= 2 and "cat" in toks[i - 2]
+        tops.append({"10" if cat else "0": 0.0} if t == "unknown" else {})
+    return Response(text="", tokens=toks, top_logprobs=tops)
+
+
+@pytest.mark.parametrize("budget,n_requests", [(0, 4), (4, 4), (5, 2), (100, 1)])
+def test_openai_simulator_fills_several_records_in_one_prompt(
+        tmp_path: Path, budget: int, n_requests: int) -> None:
+    seqs = [["a", " cat"], ["the", " dog", " sat"], [" cat", "s"], ["x", " y", " cat"]]
+    c = client(tmp_path, _echo_with_cat_detector)
+    sim = OpenAISimulator(ScoreConfig(simulator="openai", sim_batch_tokens=budget), c)
+    many = asyncio.run(sim.simulate_many("cats", seqs))
+    assert [s.tokens for s in many] == seqs
+    assert [s.expected_activations for s in many] == [
+        [0, 10], [0, 0, 0], [10, 0], [0, 0, 10]]
+    assert len(c.backend.requests) == n_requests
+    if budget == 100:
+        assert c.backend.requests[0].prompt == prompts.openai_simulate_prompt_many("cats", seqs)
+    one = [asyncio.run(sim.simulate("cats", s)).expected_activations for s in seqs]
+    assert one == [s.expected_activations for s in many]

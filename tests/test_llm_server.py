@@ -7,6 +7,7 @@ One server is started for the session (a few seconds, one thread) and killed at 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 import subprocess
@@ -247,3 +248,71 @@ def test_faults_lose_nothing_and_a_clean_rerun_fills_the_gaps(llama_server: str,
         assert sum(new_upstream.values()) == len(failed) == again.usage["explain"].calls
         assert again.usage["explain"].cached == len(answered)
         assert all(n in (0, 1) for n in new_upstream.values())
+
+
+# --- a whole explain-and-score run through the faults, then --resume ----------------------------
+
+
+def _outcomes(run_dir: Path, hp: str, units: int) -> dict[int, str]:
+    """Each unit's end state: 'scored', or the stage and reason it failed at."""
+    from neuroscribe.explain import explanation_path
+    from neuroscribe.pipeline import score_path
+
+    out: dict[int, str] = {}
+    for u in range(units):
+        e = json.loads(explanation_path(run_dir, hp, u).read_text())
+        detail = score_path(run_dir, hp, u, "scores")
+        if "failure" in e:
+            out[u] = f"explain: {e['failure']}"
+        elif score_path(run_dir, hp, u).exists():
+            out[u] = "scored"
+        else:
+            out[u] = f"score: {json.loads(detail.read_text())['failure']}"
+    return out
+
+
+def test_a_20_unit_run_through_faults_loses_nothing_and_resume_completes_it(
+        llama_server: str, tiny_model: Path, corpus_file: Path, tmp_path: Path) -> None:
+    """Record 20 units of a tiny GPT-2, then explain (openai explainer) and score (openai
+    simulator, prompt logprobs) through the fault proxy in front of the SmolLM2 server: every
+    unit ends scored or failed with a reason. With the faults off, ``resume`` completes the
+    units that failed on a fault, and no request answered before is sent upstream again."""
+    from neuroscribe.explain import ExplainConfig
+    from neuroscribe.pipeline import ScoreConfig, run
+    from neuroscribe.record import RecordConfig
+
+    units, hp = 20, "transformer.h.0.mlp.act"
+    port = int(llama_server.rsplit(":", 1)[1].split("/")[0])
+    rc = RecordConfig(model=str(tiny_model), corpus=str(corpus_file), hookpoints=hp,
+                      max_tokens=2000, ctx_len=16, batch_size=16, quantile_warmup=8, n_top=8,
+                      n_random=6, n_quantile=0)
+    run_dir = tmp_path / "run"
+    with FaultProxy(port, fault_rate=0.3, seed=1, schedule=list(FAULTS), stall_s=21.0,
+                    faults=("429", "500", "truncate", "malformed")) as proxy:
+        llm = dict(provider="openai", llm_model="smollm2", base_url=proxy.url,
+                   api_key_env="NEUROSCRIBE_TEST_NO_KEY", timeout=20.0, retries=1,
+                   concurrency=1, cache_dir=str(tmp_path / "cache"))
+        ec = ExplainConfig(explainer="openai", units=f"first:{units}", n_per_split=1,
+                           max_explanation_tokens=24, **llm)
+        sc = ScoreConfig(simulator="openai", n_per_split=1, calibrate=False, **llm)
+        run(rc, ec, sc, run_dir)
+        first = _outcomes(run_dir, hp, units)
+        assert len(first) == units  # nothing lost: each unit is scored or says why not
+        faulted = {u for u, s in first.items() if "gave up after 2 attempts" in s}
+        assert faulted and "scored" in first.values(), first
+        assert set(proxy.injected) == set(FAULTS), proxy.injected
+        before = dict(proxy.forwarded)
+
+        proxy.active = False
+        run(rc, ec, sc, run_dir, resume=True)
+        second = _outcomes(run_dir, hp, units)
+        for u, state in first.items():
+            if u in faulted:
+                assert second[u] == "scored" or "gave up" not in second[u], second[u]
+            else:  # finished or failed on content: untouched by the resume
+                assert second[u] == state
+        assert all("gave up" not in s for s in second.values()), second
+        again = {k: n - before.get(k, 0) for k, n in proxy.forwarded.items()
+                 if n - before.get(k, 0)}
+        assert again, "the resume sent nothing"
+        assert all(before.get(k, 0) == 0 and n == 1 for k, n in again.items()), again
