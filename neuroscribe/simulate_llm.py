@@ -120,12 +120,16 @@ def parse_json_values(text: str, n: int) -> tuple[list[float], str]:
             for x in data)):
         return [float(x) for x in data], ""
     found = FLAT_LIST.search(text)
-    if found is None:
-        raise SimulationError(f"no JSON list in the reply: {text[:80]!r}")
-    nums = [float(x) for x in NUMBER.findall(found.group(0))]
-    if n and not nums:
-        raise SimulationError(f"the reply's list holds no numbers: {found.group(0)[:80]!r}")
     notes = [] if isinstance(data, list) else ["list extracted from the reply"]
+    if found is not None:
+        body = found.group(0)
+    elif "[" in text:  # cut off before its "]" (the reply ran out of tokens)
+        body, notes = text[text.rindex("["):], ["unterminated list"]
+    else:
+        raise SimulationError(f"no JSON list in the reply: {text[:80]!r}")
+    nums = [float(x) for x in NUMBER.findall(body)]
+    if n and not nums:
+        raise SimulationError(f"the reply's list holds no numbers: {body[:80]!r}")
     if len(nums) != n:
         notes.append(f"{len(nums)} values for {n} tokens")
     values = (nums + [0.0] * n)[:n]

@@ -232,6 +232,8 @@ def test_openai_simulator_errors_are_clear(tmp_path: Path) -> None:
      "list extracted from the reply"),
     ("```json\n[1,2,3]\n```", 3, [1, 2, 3], "list extracted from the reply"),
     ("[0, 3]", 3, [0, 3, 0], "2 values for 3 tokens"),
+    ("[0, 3, 10, 0, 0, ", 5, [0, 3, 10, 0, 0], "unterminated list"),
+    ("Here: [4, 5", 3, [4, 5, 0], "unterminated list; 2 values for 3 tokens"),
     ("[0, 3, 12, 4]", 3, [0, 3, 10], "4 values for 3 tokens; clamped to 0-10"),
     ("[-1, 2, 3]", 3, [0, 2, 3], "clamped to 0-10"),
     ('["0", "7"]', 2, [0, 7], "repaired"),
