@@ -11,7 +11,8 @@
    (TokenActivationPairExplainer, HARMONY_V4) and one all-at-once simulation prompt per record
    (ExplanationNeuronSimulator, INSTRUCTION_FOLLOWING, echo with max_tokens 1), as in their
    ``generate_and_score_explanation`` demo. Their prompt builder's tiktoken length check is
-   replaced by a no-op (tiktoken cannot download its tables offline).
+   replaced by a no-op (tiktoken cannot download its tables offline), and their blob-storage
+   imports are stubbed when those packages are absent.
 3. Units per minute of a whole explain + score of --units units against a local
    ``llama_cpp.server`` at concurrency 1, 2, 4 and 8, a fresh cache each time.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -97,7 +99,16 @@ async def ours(backend: Any, llm: dict[str, Any], nr: Any) -> dict[str, dict[str
 
 async def openai_method(backend: Any, llm: dict[str, Any], nr: Any, src: Path) -> dict[str, int]:
     """OpenAI's demo pipeline's prompts, built by their code, through the same backend."""
+    import importlib.util
+    import types
+
     sys.path.insert(0, str(src))
+    for name in ("blobfile", "boostedblob", "tiktoken"):  # storage and tokenizer, unused here
+        if importlib.util.find_spec(name) is None:
+            stub = types.ModuleType(name)
+            stub.ensure_session = lambda f: f  # type: ignore[attr-defined]  # a decorator
+            sys.modules[name] = stub
+    os.environ.setdefault("OPENAI_API_KEY", "unused")  # their client asserts one at import
     from neuron_explainer.activations.activation_records import calculate_max_activation
     from neuron_explainer.activations.activations import ActivationRecord as OAIRecord
     from neuron_explainer.explanations import prompt_builder
@@ -112,14 +123,15 @@ async def openai_method(backend: Any, llm: dict[str, Any], nr: Any, src: Path) -
 
     train = conv(nr.top_split("train", 5))
     held = conv(nr.top_split("valid", 5) + nr.random_split("valid", 5))
-    explainer = TokenActivationPairExplainer(model_name="local",
+    explainer = TokenActivationPairExplainer(model_name="gpt-4",  # a name their check accepts
                                              prompt_format=PromptFormat.HARMONY_V4)
     messages = explainer.make_explanation_prompt(
         all_activation_records=train, max_activation=calculate_max_activation(train),
         max_tokens_for_completion=60)
     client = Client(backend, LLMConfig(**llm), None)
     resp = await client.complete(Request(
-        messages=tuple((m["role"], m["content"]) for m in messages), max_tokens=60))
+        messages=tuple((str(getattr(m["role"], "value", m["role"])), m["content"])
+                               for m in messages), max_tokens=60))
     explain_tokens = tokens_of(client)
     simulator = ExplanationNeuronSimulator(
         "local", resp.text.strip() or "words", prompt_format=PromptFormat.INSTRUCTION_FOLLOWING)

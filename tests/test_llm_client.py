@@ -314,3 +314,26 @@ def test_usage_accounting_per_stage(tmp_path: Path) -> None:
 def test_make_client_rejects_unknown_providers() -> None:
     with pytest.raises(UserError, match="unknown LLM provider"):
         make_client(cfg(provider="nope"))
+
+
+def test_usage_of_sums_distinct_clients_per_stage() -> None:
+    """A simulator and scorers sharing one client count once; a second client adds to it."""
+    from types import SimpleNamespace
+
+    from neuroscribe.llm import Usage, usage_of
+
+    def client_with(**stages: Usage) -> Client:
+        c = Client(backend=None, cfg=LLMConfig())  # type: ignore[arg-type]
+        c.usage.update(stages)
+        return c
+
+    a = client_with(score=Usage(calls=2, prompt_tokens=100, completion_tokens=4, cost_usd=0.5))
+    b = client_with(score=Usage(calls=1, cached=3, prompt_tokens=10),
+                    explain=Usage(calls=1, completion_tokens=7))
+    sim, det, fuzz = (SimpleNamespace(client=a), SimpleNamespace(client=a),
+                      SimpleNamespace(client=b))
+    total = usage_of(sim, det, fuzz, SimpleNamespace())
+    assert total["score"] == {"calls": 3, "cached": 3, "failed": 0, "retries": 0,
+                              "prompt_tokens": 110, "completion_tokens": 4, "cost_usd": 0.5}
+    assert total["explain"]["completion_tokens"] == 7
+    assert usage_of(SimpleNamespace()) == {}
