@@ -104,7 +104,7 @@ async def openai_method(backend: Any, llm: dict[str, Any], nr: Any, src: Path) -
 
     sys.path.insert(0, str(src))
     for name in ("blobfile", "boostedblob", "tiktoken"):  # storage and tokenizer, unused here
-        if importlib.util.find_spec(name) is None:
+        if name not in sys.modules and importlib.util.find_spec(name) is None:
             stub = types.ModuleType(name)
             stub.ensure_session = lambda f: f  # type: ignore[attr-defined]  # a decorator
             sys.modules[name] = stub

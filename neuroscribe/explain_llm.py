@@ -64,6 +64,13 @@ class CleaningRules:
         return line
 
 
+def near_copy(text: str, example: str, overlap: float = 0.7) -> bool:
+    """True when the two share at least ``overlap`` of their words (Jaccard): small models
+    often hand back the last few-shot explanation with a word changed."""
+    a, b = (set(re.findall(r"[a-z0-9']+", x.lower())) for x in (text, example))
+    return bool(a | b) and len(a & b) / len(a | b) >= overlap
+
+
 def clean_explanation(raw: str, rules: CleaningRules, max_words: int = 40,
                       copies: Sequence[str] = ()) -> str:
     """One reply as one explanation phrase; raises ExplanationError saying why it is unusable.
@@ -91,7 +98,7 @@ def clean_explanation(raw: str, rules: CleaningRules, max_words: int = 40,
     for pattern in rules.scaffolding:
         if pattern.search(line):
             raise ExplanationError(f"repeats prompt text: {line[:60]!r}")
-    if line.lower() in {c.lower() for c in copies}:
+    if any(near_copy(line, c) for c in copies):
         raise ExplanationError(f"copies a few-shot explanation: {line!r}")
     n_words = len(line.split())
     if n_words > max_words:

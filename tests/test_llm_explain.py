@@ -108,7 +108,8 @@ def test_openai_explainer_cleans_and_dedupes_candidates(tmp_path: Path) -> None:
     (" the\tunknown", "repeats prompt text"),
     ("tokens like <<cat>> in text", "repeats prompt text"),
     ("<start> the cat", "repeats prompt text"),
-    ("Words that name colours.", "copies a few-shot explanation"),
+    ("Body parts, such as hand, knee or face.", "copies a few-shot explanation"),
+    ("the word after a negation such as not or never", "copies a few-shot explanation"),
     (" " + "very " * 45 + "long", "too long (46 words > 40)"),
 ])
 def test_unusable_replies_are_rejected_with_a_reason(raw: str, reason: str) -> None:

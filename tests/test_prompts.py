@@ -120,7 +120,7 @@ def test_json_simulate_messages() -> None:
 
 def test_default_few_shot_examples_are_well_formed() -> None:
     shots = prompts.few_shot_neurons()
-    assert len(shots) == 3
+    assert len(shots) == 5
     for shot in shots:
         assert shot.explanation and not shot.explanation.endswith(".")
         for rec in (*shot.records, *shot.negatives):
