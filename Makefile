@@ -4,10 +4,11 @@ PIP := $(PY) -m pip
 DEMO := runs/demo
 STAMP := .install.stamp
 QWEN := .qwen.stamp
-# The demo: 10 neurons explained and simulated by the local Qwen2.5-Coder-1.5B (llama.cpp), on
+# The demo: 10 neurons explained (highlight prompt) and simulated (OpenAI all-at-once prompt) by
+# the local Qwen2.5-Coder-1.5B through llama.cpp, on
 # 32-token records, 4 top + 4 random per split, all records of a split in one simulation prompt.
-DEMO_LLM := --explainer openai --simulator openai --units first:10 --ctx-len 32 \
-	--n-per-split 4 --no-calibrate --sim-batch-tokens 1024 --scorers detection,embedding
+DEMO_LLM := --explainer highlight --simulator openai --units first:10 --ctx-len 32 \
+	--n-per-split 4 --no-calibrate --sim-batch-tokens 1024 --scorers embedding
 
 .PHONY: install demo demo-baseline test lint clean
 

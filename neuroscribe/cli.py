@@ -64,9 +64,11 @@ def _explain(args: argparse.Namespace) -> None:
 
 
 def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    from .results import format_summary
+    from .results import format_summary, format_usage
 
     print(format_summary(summary))
+    if usage := format_usage(run_dir):
+        print(usage)
     print(f"index: {run_dir / 'index.sqlite'}  histogram: {run_dir / 'score_hist.png'}")
 
 

@@ -165,3 +165,16 @@ def format_summary(summary: dict[str, Any]) -> str:
             val = "   nan" if s is None else f"{s:6.3f}"
             lines.append(f"  {val}  {hp}#{unit}: {text}")
     return "\n".join(lines)
+
+
+def format_usage(run_dir: Path) -> str:
+    """LLM calls, tokens and cost per stage, from the stages' saved configs ('' when none)."""
+    lines = []
+    for stage in ("explain", "score"):
+        path = run_dir / f"{stage}.json"
+        usage = json.loads(path.read_text()).get("llm_usage") or {} if path.exists() else {}
+        for u in usage.values():
+            lines.append(f"  {stage:<8}{u['calls']:>6} calls{u['cached']:>6} cached"
+                         f"{u['failed']:>4} failed{u['prompt_tokens']:>10,} prompt"
+                         f"{u['completion_tokens']:>8,} completion tokens  ${u['cost_usd']:.4f}")
+    return "\n".join(["LLM use:", *lines]) if lines else ""

@@ -5,6 +5,7 @@ and per-stage accounting. Offline and fast: retry delays are recorded, never sle
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import Coroutine
 from pathlib import Path
@@ -337,3 +338,17 @@ def test_usage_of_sums_distinct_clients_per_stage() -> None:
                               "prompt_tokens": 110, "completion_tokens": 4, "cost_usd": 0.5}
     assert total["explain"]["completion_tokens"] == 7
     assert usage_of(SimpleNamespace()) == {}
+
+
+def test_run_prints_llm_use_per_stage(tmp_path: Path) -> None:
+    from neuroscribe.results import format_usage
+
+    assert format_usage(tmp_path) == ""  # no stage, no LLM: nothing printed
+    use = {"calls": 3, "cached": 1, "failed": 0, "retries": 2, "prompt_tokens": 12345,
+           "completion_tokens": 67, "cost_usd": 0.0123}
+    (tmp_path / "explain.json").write_text(json.dumps({"llm_usage": {"explain": use}}))
+    (tmp_path / "score.json").write_text(json.dumps({"llm_usage": {}}))
+    assert format_usage(tmp_path).splitlines() == [
+        "LLM use:",
+        "  explain      3 calls     1 cached   0 failed    12,345 prompt      67 completion "
+        "tokens  $0.0123"]
