@@ -1,4 +1,5 @@
-"""LLM cost and throughput of explain + score, written to bench/results/llm.json.
+"""LLM cost and throughput of explain + score: bench/results/llm-tokens.json and
+bench/results/llm-throughput.json.
 
 1. Tokens per scored unit for every explainer x scorer combination, on real neurons of
    SmolLM2-135M (layer 3 MLP; the run is recorded first when --run does not exist): the
@@ -13,8 +14,9 @@
    ``generate_and_score_explanation`` demo. Their prompt builder's tiktoken length check is
    replaced by a no-op (tiktoken cannot download its tables offline), and their blob-storage
    imports are stubbed when those packages are absent.
-3. Units per minute of a whole explain + score of --units units against a local
-   ``llama_cpp.server`` at concurrency 1, 2, 4 and 8, a fresh cache each time.
+3. Units per minute of a whole explain (highlight) + score (detection) of --throughput-units
+   units against a local ``llama_cpp.server`` at concurrency 1, 2, 4 and 8, a fresh cache each
+   time.
 
     python bench/llm.py --openai-src /path/to/automated-interpretability/neuron-explainer
 """
@@ -189,10 +191,10 @@ def throughput(run_dir: Path, n_units: int, model: str, levels: list[int]) -> di
                            api_key_env="NEUROSCRIBE_BENCH_NO_KEY", concurrency=c,
                            cache_dir=str(Path(tmp) / "cache"))
                 t0 = time.perf_counter()
-                explain(ExplainConfig(explainer="openai", units=f"first:{n_units}",
+                explain(ExplainConfig(explainer="highlight", units=f"first:{n_units}",
                                       n_per_split=5, **llm), work)
-                score(ScoreConfig(simulator="openai", n_per_split=5, calibrate=False,
-                                  sim_batch_tokens=1024, **llm), work)
+                score(ScoreConfig(simulator="embedding", scorers="detection", n_per_split=5,
+                                  calibrate=False, **llm), work)
                 dt = time.perf_counter() - t0
             out[str(c)] = {"seconds": round(dt, 1), "units_per_minute": round(60 * n_units / dt, 2)}
             print(f"concurrency {c}: {out[str(c)]}", flush=True)
@@ -208,32 +210,40 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default="runs/bench-llm", help="recorded run (made if missing)")
     ap.add_argument("--max-tokens", type=int, default=50000, help="tokens to record")
-    ap.add_argument("--units", type=int, default=3, help="units for the token table")
-    ap.add_argument("--throughput-units", type=int, default=8)
-    ap.add_argument("--concurrency", default="1,2,4,8")
+    ap.add_argument("--units", type=int, default=3, help="units for the token table (0: skip)")
+    ap.add_argument("--throughput-units", type=int, default=6)
+    ap.add_argument("--concurrency", default="1,2,4,8", help="levels ('': skip)")
     ap.add_argument("--llm-model", default="smollm2", help="llamacpp model of the token table")
     ap.add_argument("--openai-src", default="", help="openai neuron-explainer folder")
-    ap.add_argument("--out", default="bench/results/llm.json")
+    ap.add_argument("--out-dir", default="bench/results", help="llm-tokens.json and "
+                    "llm-throughput.json go here")
     args = ap.parse_args()
     run_dir = Path(args.run)
     ensure_run(run_dir, args.max_tokens)
     llm = dict(provider="llamacpp", llm_model=args.llm_model, n_ctx=8192)
-    result: dict[str, Any] = {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "llm": args.llm_model, "hookpoint": HOOKPOINT,
-        "records": "explain: 5 top train records; score: 5 top + 5 random valid records",
-        "tokens": token_table(run_dir, list(range(args.units)), llm,
-                              Path(args.openai_src) if args.openai_src else None)}
-    print(json.dumps({k: v for k, v in result["tokens"].items() if k != "per_unit"}, indent=1))
+    head = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "hookpoint": HOOKPOINT}
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.units:
+        tokens = token_table(run_dir, list(range(args.units)), llm,
+                             Path(args.openai_src) if args.openai_src else None)
+        print(json.dumps({k: v for k, v in tokens.items() if k != "per_unit"}, indent=1))
+        (out / "llm-tokens.json").write_text(json.dumps({
+            **head, "llm": args.llm_model,
+            "records": "explain: 5 top train records; score: 5 top + 5 random valid records",
+            "tokens": tokens}, indent=1) + "\n")
     levels = [int(c) for c in args.concurrency.split(",") if c]
-    result["throughput_local_server"] = levels and {
-        "model": "SmolLM2-135M-Instruct GGUF", "units": args.throughput_units,
-        "explainer": "openai", "simulator": "openai (one prompt per 1024 record tokens)",
-        "by_concurrency": throughput(run_dir, args.throughput_units, default_model_path(),
-                                     levels)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    if levels:
+        result = {**head, "model": "SmolLM2-135M-Instruct GGUF through llama_cpp.server",
+                  "units": args.throughput_units, "explainer": "highlight",
+                  "scorer": "detection (5 examples per prompt), with the embedding simulator "
+                  "(no LLM): llama_cpp.server's echo logprobs, which the openai simulator "
+                  "needs, cost tens of seconds per long prompt on this CPU",
+                  "by_concurrency": throughput(run_dir, args.throughput_units,
+                                               default_model_path(), levels)}
+        (out / "llm-throughput.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}/llm-*.json")
 
 
 if __name__ == "__main__":
