@@ -4,9 +4,9 @@ PIP := $(PY) -m pip
 DEMO := runs/demo
 STAMP := .install.stamp
 QWEN := .qwen.stamp
-# The demo: 10 neurons explained (highlight prompt) and simulated (OpenAI all-at-once prompt) by
-# the local Qwen2.5-Coder-1.5B through llama.cpp, on
-# 32-token records, 4 top + 4 random per split, all records of a split in one simulation prompt.
+# The demo: 10 neurons explained (highlight prompt) and simulated (OpenAI all-at-once prompt)
+# by the local Qwen2.5-Coder-1.5B through llama.cpp; 32-token records, 4 top + 4 random per
+# split, all records of a split in one simulation prompt.
 DEMO_LLM := --explainer highlight --simulator openai --units first:10 --ctx-len 32 \
 	--n-per-split 4 --no-calibrate --sim-batch-tokens 1024 --scorers embedding
 

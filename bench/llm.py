@@ -40,9 +40,9 @@ from neuroscribe.classify import SCORERS as CLASSIFIERS
 from neuroscribe.explain import EXPLAINERS, ExplainConfig, ExplanationError, explain
 from neuroscribe.llm import Client, LLMConfig, Request
 from neuroscribe.llm_backends import LlamaCppBackend
-from neuroscribe.pipeline import ScoreConfig, score, simulate_records
+from neuroscribe.pipeline import ScoreConfig, score
 from neuroscribe.record import RecordConfig, RecordStore, record
-from neuroscribe.simulate import SIMULATORS, SimulationError
+from neuroscribe.simulate import SIMULATORS, SimulationError, simulate_records
 
 HOOKPOINT = "model.layers.3.mlp.act_fn"
 EXPLAINER_NAMES = ("openai", "highlight", "contrastive")

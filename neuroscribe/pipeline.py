@@ -14,12 +14,12 @@ from typing import Any
 from .classify import ClassifyConfig, Scorer, classify_unit, make_scorers, scorer_names
 from .errors import UserError
 from .explain import ExplainConfig, explain
-from .formats import NeuronSimulationResults, ScoredExplanation, SequenceSimulation, dumps
+from .formats import NeuronSimulationResults, ScoredExplanation, dumps
 from .llm import LLMError, usage_of
 from .record import RecordConfig, RecordStore, record
 from .runs import atomic_write_text, claim_stage, opt, save_stage, write_json
 from .score import LinearCalibration, correlation_score, flatten, score_records
-from .simulate import SimulationError, Simulator, make_simulator
+from .simulate import SimulationError, Simulator, make_simulator, simulate_records
 
 log = logging.getLogger("neuroscribe")
 VARIANTS = ("all", "top", "random")
@@ -43,15 +43,6 @@ def _clean(x: float | None) -> float | None:
 
 
 SIMULATION_ERRORS = (SimulationError, LLMError)
-
-
-async def simulate_records(sim: Simulator, explanation: str,
-                           records: Sequence[Any]) -> list[SequenceSimulation]:
-    """One simulation per record; a simulator with ``simulate_many`` gets them all at once."""
-    many = getattr(sim, "simulate_many", None)
-    if many is not None:
-        return list(await many(explanation, [r.tokens for r in records]))
-    return list(await asyncio.gather(*[sim.simulate(explanation, r.tokens) for r in records]))
 
 
 def _failure(e: Exception) -> str:

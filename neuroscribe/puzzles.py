@@ -22,6 +22,7 @@ from .errors import UserError
 from .formats import ActivationRecord
 from .runs import opt, write_json
 from .score import correlation_score, flatten
+from .simulate import simulate_records
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ async def rank_explanations(sim: Any, puzzle: Puzzle) -> list[float]:
     real = flatten([r.activations for r in puzzle.records])
     scores = []
     for expl in [puzzle.explanation, *puzzle.false_explanations]:
-        sims = await asyncio.gather(*[sim.simulate(expl, r.tokens) for r in puzzle.records])
+        sims = await simulate_records(sim, expl, puzzle.records)
         s = correlation_score(real, flatten([x.expected_activations for x in sims]))
         scores.append(-1.0 if s != s else s)  # an undefined score ranks last
     return scores

@@ -53,6 +53,17 @@ class Simulator(Protocol):
         ...
 
 
+async def simulate_records(sim: Simulator, explanation: str,
+                           records: Sequence[Any]) -> list[SequenceSimulation]:
+    """One simulation per record; a simulator with ``simulate_many`` gets them all at once."""
+    import asyncio
+
+    many = getattr(sim, "simulate_many", None)
+    if many is not None:
+        return list(await many(explanation, [r.tokens for r in records]))
+    return list(await asyncio.gather(*[sim.simulate(explanation, r.tokens) for r in records]))
+
+
 def point_simulation(tokens: Sequence[str], values: Sequence[float]) -> SequenceSimulation:
     vals = [float(v) for v in values]
     return SequenceSimulation(

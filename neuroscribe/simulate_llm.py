@@ -94,9 +94,9 @@ def chunks_by_tokens(sequences: Sequence[Sequence[str]], budget: int) -> list[li
     """Consecutive groups of sequence indices whose token counts sum to at most ``budget``
     (a longer sequence gets a group of its own; budget 0 puts each in its own group)."""
     groups: list[list[int]] = []
-    used = budget + 1
+    used = 0
     for i, seq in enumerate(sequences):
-        if budget <= 0 or used + len(seq) > budget:
+        if not groups or budget <= 0 or used + len(seq) > budget:
             groups.append([])
             used = 0
         groups[-1].append(i)

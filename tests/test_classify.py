@@ -4,11 +4,13 @@ fake backend. The embedding scorer runs the real MiniLM model."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from test_llm_explain import FakeBackend
@@ -29,6 +31,8 @@ from neuroscribe.classify import (
 from neuroscribe.errors import UserError
 from neuroscribe.formats import ActivationRecord
 from neuroscribe.llm import Client, LLMConfig, Request, Response, ResponseCache
+
+T = TypeVar("T")
 
 
 def rec(words: list[str], acts: list[float]) -> ActivationRecord:
@@ -115,9 +119,7 @@ def fake_client(tmp_path: Path, answer: Callable[[str], int]) -> Client:
                   ResponseCache(tmp_path / "cache.sqlite"))
 
 
-def run(coro):  # noqa: ANN001, ANN201 - test helper
-    import asyncio
-
+def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
