@@ -106,16 +106,32 @@ def _puzzles(args: argparse.Namespace) -> None:
     print(f"report: {Path(args.out) / 'puzzles.json'}")
 
 
+def _train_sae(args: argparse.Namespace) -> None:
+    from .acts import ActsConfig
+    from .sae_eval import train_sae_stage
+    from .sae_train import TrainSaeConfig
+
+    out = Path(args.out)
+    m = train_sae_stage(config_from(args, ActsConfig), config_from(args, TrainSaeConfig), out,
+                        args.resume)
+    h, s = m["held_out"], m["spliced"]
+    print(f"trained {m['steps']} steps ({m['tokens']} tokens, {m['seconds']:.0f}s): "
+          f"FVU {h['fvu']:.3f}, L0 {h['l0']:.1f}, dead {m['dead_fraction']:.1%}, "
+          f"CE recovered {s['ce_loss_recovered']:.3f}, KL {s['kl_sae']:.3f} -> {out}")
+
+
 def _stage_configs() -> dict[str, list[type]]:
+    from .acts import ActsConfig
     from .explain import ExplainConfig
     from .llm import LLMConfig
     from .pipeline import ScoreConfig
     from .puzzles import PuzzleConfig
     from .record import RecordConfig
+    from .sae_train import TrainSaeConfig
 
     return {"record": [RecordConfig], "explain": [ExplainConfig], "score": [ScoreConfig],
             "run": [RecordConfig, ExplainConfig, ScoreConfig],
-            "puzzles": [PuzzleConfig, LLMConfig]}
+            "puzzles": [PuzzleConfig, LLMConfig], "train-sae": [ActsConfig, TrainSaeConfig]}
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
@@ -125,6 +141,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "score": (_score, "simulate activations from explanations and score them (OpenAI method)"),
     "run": (_run, "record, explain and score in one go"),
     "puzzles": (_puzzles, "check simulators and explainers on OpenAI's 19 neuron puzzles"),
+    "train-sae": (_train_sae, "train a sparse autoencoder on a hookpoint's activations"),
 }
 
 
