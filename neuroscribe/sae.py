@@ -171,9 +171,9 @@ def _load_sparsify(folder: Path, cfg: dict[str, Any]) -> tuple[SaeConfig, dict[s
     from safetensors.torch import load_file
 
     t = load_file(str(folder / "sae.safetensors"))
-    if cfg.get("skip_connection") or "W_skip" in t:
-        raise UserError(f"{folder}: sparsify SAEs with a skip connection (transcoders) "
-                        "are not supported")
+    if cfg.get("skip_connection") or cfg.get("transcode") or "W_skip" in t:
+        raise UserError(f"{folder}: sparsify transcoders and skip connections are not "
+                        "supported (only SAEs)")
     n, d = t["encoder.weight"].shape
     arch = "batchtopk" if cfg.get("activation") == "batchtopk" else "topk"
     sc = SaeConfig(d_in=int(cfg.get("d_in", d)), n_latents=n, architecture=arch,
@@ -209,6 +209,12 @@ def _load_saelens(folder: Path, cfg: dict[str, Any]) -> tuple[SaeConfig, dict[st
         out["b_enc"] = out["b_enc"] + out["b_dec"] @ out["W_enc"]
     if "threshold" in t:
         out["threshold"] = t["threshold"]
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        # SAELens scales pre-activations by |W_dec rows| and divides them out to decode: the
+        # same SAE with the norms folded into the encoder and unit decoder rows.
+        norm = out["W_dec"].norm(dim=1)
+        out.update(W_enc=out["W_enc"] * norm, b_enc=out["b_enc"] * norm,
+                   W_dec=out["W_dec"] / norm[:, None])
     return sc, out
 
 

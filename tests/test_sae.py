@@ -332,3 +332,33 @@ def test_train_sae_stage_streams_from_a_model_and_writes_everything(
     assert again["steps"] == len(list(store_batches(tmp_path / "store", 256, seed=0)))
     with pytest.raises(UserError, match="already holds an SAE"):
         train_sae_stage(acts, cfg, out)
+
+
+# ---- SAEs saved by SAELens and sparsify ----------------------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures" / "sae_formats"
+
+
+@pytest.mark.parametrize("name", ["sparsify_topk", "saelens_standard", "saelens_jumprelu",
+                                  "saelens_topk", "saelens_topk_rescaled"])
+def test_saes_saved_by_other_libraries_load_and_agree_with_them(name: str) -> None:
+    """Each fixture holds the library's own files and its own encode/decode outputs."""
+    import json
+
+    want = json.loads((FIXTURES / name / "expected.json").read_text())
+    sae = load_sae(FIXTURES / name)
+    x = torch.tensor(want["inputs"])
+    lat = sae.encode(x)
+    torch.testing.assert_close(lat, torch.tensor(want["latents"]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(sae.decode(lat), torch.tensor(want["reconstructions"]),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_unreadable_sae_folders_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="SAE folder not found"):
+        load_sae(tmp_path / "missing")
+    with pytest.raises(UserError, match="no cfg.json"):
+        load_sae(tmp_path)
+    (tmp_path / "cfg.json").write_text("{}")
+    with pytest.raises(UserError, match="no sae.safetensors"):
+        load_sae(tmp_path)
