@@ -143,7 +143,9 @@ def make_explainer(cfg: ExplainConfig) -> Explainer:
 
 
 def explanation_path(run_dir: Path, hookpoint: str, unit: int) -> Path:
-    return run_dir / "explanations" / hookpoint.replace(":", "__") / f"{unit}.json"
+    from .models import safe_name
+
+    return run_dir / "explanations" / safe_name(hookpoint) / f"{unit}.json"
 
 
 def explain(cfg: ExplainConfig, run_dir: Path, resume: bool = False,

@@ -35,7 +35,9 @@ class ScoreConfig(ClassifyConfig):
 
 def score_path(run_dir: Path, hookpoint: str, unit: int, kind: str = "") -> Path:
     name = f"{unit}.{kind}.json" if kind else f"{unit}.json"
-    return run_dir / "scores" / hookpoint.replace(":", "__") / name
+    from .models import safe_name
+
+    return run_dir / "scores" / safe_name(hookpoint) / name
 
 
 def _clean(x: float | None) -> float | None:

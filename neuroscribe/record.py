@@ -33,7 +33,8 @@ class RecordConfig:
     model: str = opt("smollm2", "subject model: 'smollm2' (default), a .gguf file, a local "
                      "transformers folder, or a Hugging Face hub id")
     hookpoints: str = opt("model.layers.3.mlp.act_fn", "comma-separated module paths or globs; "
-                          "PATH:input records a module's input")
+                          "PATH:input records a module's input; PATH[:input]:sae=FOLDER the "
+                          "latents of an SAE on it")
     corpus: str = opt("default", "'default' (Gutenberg Shakespeare), files, folders or globs "
                       "(comma-separated), or hf:NAME[:CONFIG[:SPLIT]]")
     max_tokens: int = opt(100_000, "tokens to record")
@@ -49,6 +50,8 @@ class RecordConfig:
     seed: int = opt(0, "seed of every random sample")
     device: str = opt("cpu", "torch device: cpu, cuda, cuda:1, mps")
     dtype: str = opt("float32", "model dtype: float32, bfloat16, float16")
+    latent_splits: int = opt(5, "SAE hookpoints: files per hookpoint in the sparse latent cache "
+                             "latents/ (delphi's n_splits)")
 
 
 class UnitRecorder:
@@ -167,9 +170,32 @@ class UnitRecorder:
         out["hist_counts"] = self.hist
         return {k: v.contiguous() for k, v in out.items()}
 
+    def save(self, path: Path, metadata: dict[str, str]) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.finished(), str(path), metadata=metadata)
+
 
 def store_path(run_dir: Path, hookpoint: str) -> Path:
-    return run_dir / "records" / f"{hookpoint.replace(':', '__')}.safetensors"
+    from .models import safe_name
+
+    return run_dir / "records" / f"{safe_name(hookpoint)}.safetensors"
+
+
+def latents_dir(run_dir: Path, hookpoint: str) -> Path:
+    """The sparse latent cache of an SAE hookpoint (see ``latents.py``)."""
+    from .models import safe_name
+
+    return run_dir / "latents" / safe_name(hookpoint)
+
+
+def _recorder(hp: str, acts: Any, cfg: RecordConfig, gen: Any, run_dir: Path) -> Any:
+    """SAE latents (sparse) keep their activations on disk; other units in memory."""
+    if acts.is_sparse:
+        from .latents import LatentRecorder
+
+        return LatentRecorder(hp, acts.shape[-1], cfg, gen, latents_dir(run_dir, hp))
+    return UnitRecorder(hp, acts.shape[-1], cfg, gen)
 
 
 def _batches(cfg: RecordConfig, tokenizer: Any) -> Any:
@@ -188,7 +214,6 @@ def _batches(cfg: RecordConfig, tokenizer: Any) -> Any:
 def record(cfg: RecordConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     """Record every unit of the hookpoints; write ``records/*.safetensors`` and ``record.json``."""
     import torch
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     from .models import capture, layer_index, load_subject, resolve_hookpoints, run_to_hooks
@@ -196,7 +221,8 @@ def record(cfg: RecordConfig, run_dir: Path, resume: bool = False) -> dict[str, 
     if claim_stage(run_dir, "record", cfg, resume):
         log.info("record: already complete in %s, skipping", run_dir)
         return json.loads((run_dir / "record.json").read_text())
-    for name in ("n_top", "n_random", "n_quantile", "ctx_len", "batch_size", "max_tokens"):
+    for name in ("n_top", "n_random", "n_quantile", "ctx_len", "batch_size", "max_tokens",
+                 "latent_splits"):
         if getattr(cfg, name) < (0 if name.startswith("n_") else 1):
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     subject = load_subject(cfg.model, cfg.device, cfg.dtype)
@@ -205,7 +231,7 @@ def record(cfg: RecordConfig, run_dir: Path, resume: bool = False) -> dict[str, 
                         f"({subject.max_context} tokens)")
     hookpoints = resolve_hookpoints(subject.model, [h for h in cfg.hookpoints.split(",") if h])
     gen = torch.Generator().manual_seed(cfg.seed)
-    recorders: dict[str, UnitRecorder] = {}
+    recorders: dict[str, Any] = {}
     n_ctx = 0
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.max_tokens, unit="tok", desc="record", disable=None)
@@ -223,7 +249,7 @@ def record(cfg: RecordConfig, run_dir: Path, resume: bool = False) -> dict[str, 
                     raise UserError(f"hookpoint {hp} gives shape {tuple(acts.shape)}, "
                                     "not [batch, seq, units]")
                 if hp not in recorders:
-                    recorders[hp] = UnitRecorder(hp, acts.shape[-1], cfg, gen)
+                    recorders[hp] = _recorder(hp, acts, cfg, gen, run_dir)
                 recorders[hp].update(acts, ids.cpu().to(torch.int32), ctx)
             n_ctx += len(batch)
             bar.update(len(batch) * cfg.ctx_len)
@@ -237,13 +263,15 @@ def record(cfg: RecordConfig, run_dir: Path, resume: bool = False) -> dict[str, 
         meta = {"hookpoint": hp, "layer_index": str(layer_index(hp)), "ctx_len": str(cfg.ctx_len)}
         # The recorders' tensors are inference tensors: finish them in inference mode.
         with atomic_path(store_path(run_dir, hp)) as tmp, torch.inference_mode():
-            save_file(rec.finished(), str(tmp), metadata=meta)
+            rec.save(tmp, meta)
         units[hp] = rec.n_units
     write_json(run_dir / "vocab.json", subject.token_strings())
     info = {"hookpoints": hookpoints, "units": units, "n_contexts": n_ctx,
             "n_tokens": n_ctx * cfg.ctx_len, "seconds": round(seconds, 2),
             "tokens_per_second": round(n_ctx * cfg.ctx_len / seconds, 1),
             "seeds": {"random_sample": cfg.seed},
+            "latent_caches": {hp: str(latents_dir(Path(), hp)) for hp, rec in recorders.items()
+                              if not isinstance(rec, UnitRecorder)},
             "quantiles": list(QUANTILES), "quantile_basis": "per-context max activation"}
     save_stage(run_dir, "record", cfg, complete=True, **info)
     log.info("record: %d tokens in %.1fs (%.0f tok/s)", info["n_tokens"], seconds,

@@ -41,7 +41,7 @@ class SaeConfig:
     n_latents: int = opt(4096, "dictionary size (latents)")
     architecture: str = opt("topk", "activation rule", choices=ARCHITECTURES)
     k: int = opt(32, "active latents per token (topk, batchtopk)")
-    hookpoint: str = opt("", "where the SAE reads its input (recorded for reference)")
+    hookpoint: str = opt("", "module path the SAE reads (recorded in cfg.json)")
 
     def check(self) -> None:
         if self.architecture not in ARCHITECTURES:
