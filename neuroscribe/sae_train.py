@@ -135,7 +135,7 @@ def load_checkpoint(out: Path) -> dict[str, Any]:
 def _optimizer(sae: Sae, cfg: TrainSaeConfig) -> Any:
     lr = cfg.lr or 2e-4 / math.sqrt(cfg.n_latents / 2**14)
     return torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=lr,
-                            betas=(0.9, 0.999), eps=1e-8)
+                            betas=(0.9, 0.999), eps=1e-8, fused=True)
 
 
 @torch.no_grad()
