@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sae-epochs", type=int, default=4, help="passes over them")
     p.add_argument("--eval-tokens", type=int, default=32_768, help="held out for SAE metrics")
     p.add_argument("--units", type=int, default=100, help="alive units explained per side")
-    p.add_argument("--max-tokens", type=int, default=100_000, help="tokens recorded")
+    p.add_argument("--max-tokens", type=int, default=1_000_000, help="tokens recorded (the "
+                   "shared corpora are ~1.1M toy tokens in file order: 100k is Shakespeare only)")
     p.add_argument("--ctx-len", type=int, default=64, help="tokens per record")
     p.add_argument("--llm", action="store_true", help="highlight explainer + openai simulator on "
                    "the local Qwen (the `make demo` settings; ~40 s a unit)")
@@ -193,7 +194,9 @@ def side(args: argparse.Namespace, model: str, hookpoint: str, run: Path) -> dic
         per_unit[str(u)] = {"explanation": s.get("explanation"),
                             **{k: v["ev_correlation_score"]
                                for k, v in s.get("scores", {}).items()}}
+    failed = sum(1 for v in per_unit.values() if v.get(METRIC) is None)
     return {"run": str(run), "hookpoint": hp, "n_units": n, "n_alive": len(alive),
+            "n_unscored": failed,
             "dead_fraction": 1 - len(alive) / n, "units": per_unit,
             "seconds": round(time.perf_counter() - t0, 1),
             "explainer": ec.explainer, "simulator": sc.simulator}
