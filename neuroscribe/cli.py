@@ -145,11 +145,20 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
 }
 
 
+# Modules that register their own sub-commands: each has ``add_cli(sub)``, which adds parsers
+# with ``set_defaults(func=...)``. Their top level imports only the standard library.
+PLUGINS: list[str] = []
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(
         prog="neuroscribe",
         description="Turn the units of a neural network into words and measure how true they are.")
     sub = parser.add_subparsers(dest="command", required=True)
+    for module in PLUGINS:
+        importlib.import_module(module).add_cli(sub)
     configs = _stage_configs()
     for name, (_, helptext) in COMMANDS.items():
         p = sub.add_parser(name, help=helptext, description=helptext)
@@ -168,17 +177,22 @@ def build_parser() -> argparse.ArgumentParser:
                            help="continue a run in this folder, skipping finished work")
         for cls in configs.get(name, []):
             add_config(p, cls)
+    for p in sub.choices.values():
+        if "--debug" not in p._option_string_actions:
+            p.add_argument("--debug", action="store_true", help="show tracebacks")
+            p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(message)s")
     try:
-        COMMANDS[args.command][0](args)
+        func = getattr(args, "func", None) or COMMANDS[args.command][0]
+        func(args)
     except UserError as e:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"neuroscribe: error: {e}", file=sys.stderr)
         return 2
@@ -186,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print("neuroscribe: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - one line for the user, the traceback under --debug
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"neuroscribe: error: {type(e).__name__}: {e} (rerun with --debug for the "
               "traceback)", file=sys.stderr)
