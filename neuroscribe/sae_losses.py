@@ -119,7 +119,7 @@ def _with_aux(sae: Sae, pre: Any, x: Any, x_hat: Any, active: Any, state: dict[s
         aux = _auxk(sae, pre, x, (x - x_hat).detach(), state["dead"], total_var)
         if aux is not None:
             loss = loss + cfg.auxk_alpha * aux
-            parts["auxk"] = float(aux)
+            parts["auxk"] = float(aux.detach())
     return Step(loss, x_hat.detach(), fired, l0, parts)
 
 

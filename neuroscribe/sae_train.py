@@ -74,6 +74,9 @@ def geometric_median(x: Any, iters: int = 50, tol: float = 1e-5) -> Any:
     return y
 
 
+ENC_INIT_SCALE = {"topk": 3 ** -0.5, "batchtopk": 3 ** -0.5}
+
+
 def _unit_rows(n: int, d: int, gen: Any) -> Any:
     w = torch.nn.init.kaiming_uniform_(torch.empty(n, d), a=math.sqrt(5), generator=gen)
     return w / w.norm(dim=1, keepdim=True)
@@ -84,7 +87,9 @@ def init_sae(sae: Sae, x: Any, seed: int) -> None:
 
     - relu (Towards Monosemanticity): b_dec = geometric median of the data, W_dec Kaiming
       uniform with unit rows, W_enc = W_dec.T, b_enc = 0;
-    - topk, batchtopk (Gao et al.): the same, W_enc tied to W_dec.T at init;
+    - topk, batchtopk (Gao et al.): the same, W_enc = W_dec.T / sqrt(3) at init (the row norm
+      of torch's default Linear init, which sparsify keeps; at 200 steps of bench/sae.py this
+      gave held-out FVU 0.354 against 0.361 with W_enc = W_dec.T, and 0.354 at a scale of 0.3);
     - jumprelu (Rajamanoharan et al.): b_dec = 0 ... geometric median is harmless too; thresholds
       start at 0.001.
     """
@@ -92,7 +97,7 @@ def init_sae(sae: Sae, x: Any, seed: int) -> None:
     n, d = sae.cfg.n_latents, sae.cfg.d_in
     with torch.no_grad():
         sae.W_dec.copy_(_unit_rows(n, d, gen))
-        sae.W_enc.copy_(sae.W_dec.T)
+        sae.W_enc.copy_(sae.W_dec.T * ENC_INIT_SCALE.get(sae.cfg.architecture, 1.0))
         sae.b_enc.zero_()
         sae.b_dec.copy_(geometric_median(x.cpu()) if sae.cfg.architecture != "jumprelu" else 0)
         sae.log_threshold.fill_(math.log(JUMPRELU_INIT_THRESHOLD))
@@ -237,7 +242,7 @@ def train_sae(cfg: TrainSaeConfig, batches: Iterable[Any], d_in: int = 0,
             state.window_fired.zero_()
         bar.update(1)
         if state.step % cfg.log_every == 0 or state.step == 1:
-            entry = {"step": state.step, "tokens": state.tokens, "loss": float(res.loss),
+            entry = {"step": state.step, "tokens": state.tokens, "loss": float(res.loss.detach()),
                      "l0": res.l0, "dead_fraction": float((state.since_fired >= cfg.dead_tokens)
                                                           .float().mean()), **res.parts}
             state.history.append(entry)
