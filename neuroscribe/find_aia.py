@@ -1,0 +1,188 @@
+"""FIND's automated interpretability agent (AIA) on any ``neuroscribe.llm`` client, and the
+single-round baseline (random inputs, then one answer).
+
+Each round the LLM sees the task, every observation so far (the most recent ones when there
+are many) and the protocol, and replies ``CALL: [inputs]`` or ``FINAL`` with a description,
+the domain of unexpected behaviour and code. Replies that follow neither form, a final answer
+without code or with code that does not parse, and LLM errors end as failures with a reason.
+Prompts live in ``data/find/aia.json``.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import random
+import re
+from collections.abc import Callable
+from typing import Any
+
+from .find_agents import CODE_CATEGORIES, Answer, BlackBox, FunctionFailure, load_data
+from .llm import Client, Request
+
+MAX_OBSERVATIONS = 60  # observation lines shown per prompt (the most recent ones)
+MAX_VIOLATIONS = 3  # consecutive replies with neither CALL nor FINAL before giving up
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return json.dumps(v) if isinstance(v, str) else str(v)
+
+
+def _show_sentence(v: Any) -> str:
+    if not isinstance(v, list):
+        return str(v)
+    return "".join(f"{t}({a:g})" if a else str(t) for t, a in v)
+
+
+def observation(category: str, x: Any, y: Any) -> str:
+    shown = _show_sentence(y) if category == "puzzle" else _show(y)
+    return f"f({_show(x)}) = {shown}"
+
+
+COERCE: dict[str, Callable[[Any], Any]] = {
+    "numeric": float, "string": str, "entity": str, "puzzle": int}
+
+
+def parse_call(text: str, category: str, max_inputs: int) -> list[Any] | None:
+    """The inputs of a ``CALL: [...]`` reply, or None when there is no usable call."""
+    m = re.search(r"CALL:\s*", text)
+    if not m:
+        return None
+    rest = text[m.end():].strip()
+    try:
+        raw, _ = json.JSONDecoder().raw_decode(rest)
+    except ValueError:
+        try:
+            raw = ast.literal_eval(rest.splitlines()[0].strip())
+        except (ValueError, SyntaxError, IndexError, MemoryError, RecursionError):
+            return None
+    if not isinstance(raw, (list, tuple)):
+        raw = [raw]
+    out = []
+    for v in list(raw)[:max_inputs]:
+        try:
+            out.append(COERCE[category](v))
+        except (TypeError, ValueError, OverflowError):
+            continue
+    return out or None
+
+
+def parse_interval(text: str) -> list[float] | None:
+    nums = [float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", text)]
+    if not nums or re.match(r"\s*(none|no|n/a|nowhere)\b", text, re.I):
+        return None
+    if len(nums) >= 2:
+        return sorted(nums[:2])
+    return [-128.0, nums[0]] if "<" in text else [nums[0], 128.0]
+
+
+def parse_final(text: str, category: str) -> Answer | None:
+    """A ``FINAL`` reply as an Answer (its failure set when the code is missing or broken),
+    or None when the reply is not a final answer."""
+    if not re.search(r"^\s*\**FINAL\b", text, re.M) and not (
+            "DESCRIPTION:" in text and ("CODE:" in text or "```" in text)):
+        return None
+    desc = re.search(r"DESCRIPTION:\s*(.+)", text)
+    dom = re.search(r"DOMAIN:\s*(.+)", text)
+    code_m = re.search(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", text, re.S)
+    ans = Answer(description=desc.group(1).strip() if desc else "",
+                 interval=parse_interval(dom.group(1)) if dom else None,
+                 code=code_m.group(1).strip() + "\n" if code_m else "")
+    if not ans.description:
+        ans.failure = "the final answer has no description"
+    if category in CODE_CATEGORIES:
+        if not ans.code.strip():
+            ans.failure = "the final answer has no code"
+        else:
+            try:
+                tree = ast.parse(ans.code)
+            except SyntaxError as e:
+                ans.failure = f"the code does not parse: {e.msg} (line {e.lineno})"
+            else:
+                if not any(isinstance(n, ast.FunctionDef) and n.name == "f" for n in tree.body):
+                    ans.failure = "the code defines no function f"
+    return ans
+
+
+def random_inputs(category: str, rng: random.Random, n: int) -> list[Any]:
+    words = load_data("words.json")["random_words"]
+    makers: dict[str, Callable[[], list[Any]]] = {
+        "numeric": lambda: [round(rng.uniform(-128, 128), 2) for _ in range(n)],
+        "string": lambda: rng.sample(words, min(n, len(words))),
+        "entity": lambda: rng.sample(words, min(n, len(words))),
+        "puzzle": lambda: list(range(min(n, 6))),
+    }
+    return makers[category]()
+
+
+class LLMAgent:
+    """The AIA (``rounds`` > 0) or the single-round baseline (``rounds`` = 0).
+
+    Both start from ``n_random`` random observations (the same ones, for a fair comparison);
+    the AIA must then run at least ``min_rounds`` experiments of its own before answering."""
+
+    def __init__(self, client: Client, name: str, rounds: int = 20, max_inputs: int = 40,
+                 n_random: int = 20, min_rounds: int = 1, max_tokens: int = 350,
+                 seed: int = 0) -> None:
+        self.client, self.name, self.rounds = client, name, rounds
+        self.max_inputs, self.n_random, self.max_tokens = max_inputs, n_random, max_tokens
+        self.min_rounds, self.seed = min(min_rounds, rounds), seed
+        self.prompts = load_data("aia.json")
+
+    def _prompt(self, category: str, obs: list[str], rnd: int, last: bool, note: str) -> str:
+        p = self.prompts
+        form = p["explore_format"] if rnd <= self.min_rounds else p["format"]
+        shown = obs[-MAX_OBSERVATIONS:]
+        lines = ([f"({len(obs) - len(shown)} earlier observations not shown)"]
+                 if len(obs) > len(shown) else []) + shown
+        text = p["last_turn" if last else "turn"].format(
+            category=p["categories"][category],
+            observations="\n".join(lines) or p["nothing_yet"], round=rnd,
+            rounds=self.rounds + 1, format=form.format(max_inputs=self.max_inputs))
+        return f"{note}\n{text}" if note else text
+
+    async def _ask(self, prompt: str, rnd: int) -> str:
+        req = Request(messages=(("system", self.prompts["system"]), ("user", prompt)),
+                      max_tokens=self.max_tokens, temperature=0.0, seed=self.seed + rnd,
+                      stage=f"find-{self.name}")
+        return (await self.client.complete(req)).text
+
+    async def solve(self, box: BlackBox, category: str) -> Answer:
+        obs: list[str] = []
+        calls, violations, note = 0, 0, ""
+        transcript: list[str] = []
+
+        def done(ans: Answer) -> Answer:
+            ans.llm_calls, ans.rounds, ans.transcript = calls, calls, transcript[-6:]
+            return ans
+
+        try:
+            if self.n_random:
+                xs = random_inputs(category, random.Random(self.seed), self.n_random)
+                obs += [observation(category, x, y) for x, y in zip(xs, box(xs))]
+            for rnd in range(1, self.rounds + 2):
+                last = rnd == self.rounds + 1
+                reply = await self._ask(self._prompt(category, obs, rnd, last, note), rnd)
+                calls += 1
+                transcript.append(reply[:600])
+                final = parse_final(reply, category) if rnd > self.min_rounds else None
+                if final is not None:
+                    return done(final)
+                xs = None if last else parse_call(reply, category, self.max_inputs)
+                if xs is None:
+                    violations += 1
+                    note = self.prompts["not_understood"]
+                    if violations >= MAX_VIOLATIONS or last:
+                        return done(Answer(failure=f"the LLM never answered the protocol "
+                                           f"({violations} replies with neither a usable CALL "
+                                           "nor FINAL)"))
+                    continue
+                violations, note = 0, ""
+                obs += [observation(category, x, y) for x, y in zip(xs, box(xs))]
+        except FunctionFailure as e:
+            return done(Answer(failure=str(e)))
+        except Exception as e:  # noqa: BLE001 - an LLM or backend failure ends this function
+            return done(Answer(failure=f"LLM error: {type(e).__name__}: {e}"[:300]))
+        return done(Answer(failure="no final answer"))

@@ -1,0 +1,194 @@
+"""FIND's evaluation of agents on the function suite, and the ``bench-find`` command.
+
+- numeric: the agent's code on x = i + 0.5, i in [-128, 128), against the noise-free
+  function; solved when NMSE < 0.1; also the IoU of the stated corrupted interval;
+- string: exact match of outputs on held-out inputs (solved when all match);
+- entity: three-way unit tests (which of three inputs does the description predict to be the
+  most selective, judged by sentence embeddings; chance 1/3), solved at >= 80 %;
+- puzzle: the description is closer, by embedding, to the true explanation than to each false
+  one.
+
+Functions and agent code both run out of process in the sandbox; a function or an answer that
+crashes, hangs or is malformed is scored as a failure with its reason, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .runs import opt
+
+SOLVED_NMSE = 0.1
+SOLVED_UNIT_TESTS = 0.8
+
+
+@dataclass
+class FindConfig:
+    """Which agents to run on the FIND-style suite, and how."""
+
+    out: str = opt("runs/find", "run folder: suite.json, answers/, find.json and find.txt")
+    agents: str = opt("offline", "comma-separated agents: offline (no LLM), baseline "
+                      "(single round of random inputs, LLM), aia (LLM agent)")
+    max_rounds: int = opt(20, "most experiment rounds of the AIA")
+    max_inputs: int = opt(40, "most inputs per AIA experiment")
+    n_random: int = opt(20, "random inputs that the baseline and the AIA start from")
+    min_rounds: int = opt(1, "experiments the AIA must run before it may answer")
+    fn_timeout: float = opt(30.0, "wall-clock seconds per call of a function")
+    code_timeout: float = opt(10.0, "wall-clock seconds to run an answer's code")
+    memory_mb: int = opt(1024, "memory limit of sandboxed code in MiB")
+    n_heldout: int = opt(40, "held-out inputs per string function")
+    n_unit_tests: int = opt(10, "three-way unit tests per entity neuron")
+    suite: str = opt("", "a saved suite.json to use instead of generating one")
+
+
+def nmse(truth: list[float], pred: list[float]) -> float:
+    n = len(truth)
+    mean = sum(truth) / n
+    var = sum((t - mean) ** 2 for t in truth) / n
+    scale = var if var > 1e-12 else max(sum(t * t for t in truth) / n, 1e-12)
+    return sum((t - p) ** 2 for t, p in zip(truth, pred)) / n / scale
+
+
+def interval_iou(a: list[float] | None, b: list[float] | None,
+                 domain: tuple[float, float] = (-128.0, 128.0)) -> float:
+    """IoU of two intervals clipped to the domain; 1 when both are absent."""
+    if a is None or b is None:
+        return float(a is None and b is None)
+    (a0, a1), (b0, b1) = [(max(lo, domain[0]), min(hi, domain[1])) for lo, hi in (a, b)]
+    inter = max(0.0, min(a1, b1) - max(a0, b0))
+    union = max(a1, b1) - min(a0, b0) if inter else (a1 - a0) + (b1 - b0)
+    return inter / union if union > 0 else 0.0
+
+
+class Evaluator:
+    """Scores answers; ``truth`` runs a suite function's ``f_clean`` out of process."""
+
+    def __init__(self, cfg: FindConfig, truth: Callable[[Any, list[Any]], list[Any]],
+                 run_answer: Callable[[str, list[Any]], Any],
+                 embed: Callable[[list[str]], Any] | None = None) -> None:
+        self.cfg, self.truth, self.run_answer = cfg, truth, run_answer
+        self._embed: Any = embed
+        self.scorers: dict[str, Callable[[Any, Any], dict[str, Any]]] = {
+            "numeric": self.numeric, "string": self.string, "entity": self.entity,
+            "puzzle": self.puzzle}
+
+    def embed(self, texts: list[str]) -> Any:
+        if self._embed is None:
+            from .simulate import Embedder
+
+            self._embed = Embedder()
+        return self._embed(texts)
+
+    def _outputs(self, code: str, xs: list[Any]) -> tuple[list[Any] | None, str]:
+        r = self.run_answer(code, xs)
+        return (r.outputs, "") if r.ok else (None, f"the answer's code failed ({r.status}): "
+                                                   f"{r.reason}")
+
+    def numeric(self, fn: Any, ans: Any) -> dict[str, Any]:
+        from .find_suite import eval_points
+
+        xs = eval_points()
+        truth = self.truth(fn, xs)
+        pred, why = self._outputs(ans.code, xs)
+        iou = interval_iou(ans.interval, fn.interval)
+        if pred is None:
+            return {"solved": False, "failure": why, "iou": iou}
+        bad = sum(p is None or not isinstance(p, (int, float)) for p in pred)
+        if bad:
+            return {"solved": False, "iou": iou, "nmse": None,
+                    "failure": f"the answer's code gave no number for {bad} of {len(xs)} inputs"}
+        e = nmse(truth, [float(p) for p in pred])
+        return {"solved": e < SOLVED_NMSE, "nmse": e if math.isfinite(e) else None, "iou": iou}
+
+    def string(self, fn: Any, ans: Any) -> dict[str, Any]:
+        from .find_agents import load_data
+
+        rng = random.Random(f"heldout-{fn.id}")
+        words = load_data("words.json")["random_words"]
+        xs = [" ".join(rng.sample(words, rng.randint(1, 3))) if i % 2 else
+              "".join(rng.choice("abcdefghijklmnopqrstuvwxyz  ABC") for _ in range(12))
+              for i in range(self.cfg.n_heldout)]
+        truth = self.truth(fn, xs)
+        pred, why = self._outputs(ans.code, xs)
+        if pred is None:
+            return {"solved": False, "failure": why}
+        match = sum(t == p for t, p in zip(truth, pred)) / len(xs)
+        return {"solved": match == 1.0, "exact_match": match}
+
+    def entity(self, fn: Any, ans: Any) -> dict[str, Any]:
+        from .find_agents import load_data
+
+        concepts = load_data("concepts.json")
+        rng = random.Random(f"unit-tests-{fn.id}")
+        mine = [w for c in fn.params["concepts"] for w in concepts[c][6:]]
+        other = [w for c, ws in concepts.items() if c not in fn.params["concepts"] for w in ws]
+        tests = [rng.sample(other, 2) + [rng.choice(mine)] for _ in range(self.cfg.n_unit_tests)]
+        for t in tests:
+            rng.shuffle(t)
+        flat = [w for t in tests for w in t]
+        acts = self.truth(fn, flat)
+        vecs = self.embed([ans.description, *flat])
+        sims = [float(vecs[0] @ v) for v in vecs[1:]]
+        right = 0
+        for k in range(len(tests)):
+            a, s = acts[3 * k: 3 * k + 3], sims[3 * k: 3 * k + 3]
+            right += max(range(3), key=lambda i: s[i]) == max(range(3), key=lambda i: a[i])
+        acc = right / len(tests)
+        return {"solved": acc >= SOLVED_UNIT_TESTS, "unit_test_accuracy": acc}
+
+    def puzzle(self, fn: Any, ans: Any) -> dict[str, Any]:
+        from .puzzles import Puzzle, closer_to_truth
+
+        p = Puzzle(fn.op, fn.description, fn.params["false_explanations"], [])
+        ok, sims = closer_to_truth(self.embed, ans.description, p)
+        return {"solved": ok, "similarities": sims}
+
+    def score(self, fn: Any, ans: Any) -> dict[str, Any]:
+        if ans.failure:
+            return {"solved": False, "failure": ans.failure,
+                    **({"iou": interval_iou(None, fn.interval)} if fn.category == "numeric"
+                       else {})}
+        try:
+            return self.scorers[fn.category](fn, ans)
+        except Exception as e:  # noqa: BLE001 - a broken function or answer is one failure
+            return {"solved": False, "failure": f"evaluation failed: {type(e).__name__}: {e}"}
+
+
+def bench_find(cfg: FindConfig, suite_cfg: Any, llm_cfg: Any, resume: bool = False
+               ) -> dict[str, Any]:
+    from .find_report import run_bench
+
+    return asyncio.run(run_bench(cfg, suite_cfg, llm_cfg, resume))
+
+
+def _bench_cli(args: argparse.Namespace) -> None:
+    from .cli import config_from
+    from .find_report import format_tables
+    from .find_suite import SuiteConfig
+    from .llm import LLMConfig
+
+    report = bench_find(config_from(args, FindConfig), config_from(args, SuiteConfig),
+                        config_from(args, LLMConfig), args.resume)
+    print(format_tables(report))
+    out = Path(args.out)
+    print(f"report: {out / 'find.json'}  table: {out / 'find.txt'}")
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from .cli import add_config
+    from .find_suite import SuiteConfig
+    from .llm import LLMConfig
+
+    text = "FIND-style function benchmark: a generated suite, agents, FIND's evaluation"
+    p = sub.add_parser("bench-find", help=text, description=text)
+    p.add_argument("--resume", action="store_true", help="reuse the answers already saved")
+    for cls in (FindConfig, SuiteConfig, LLMConfig):
+        add_config(p, cls)
+    p.set_defaults(func=_bench_cli)

@@ -1,0 +1,285 @@
+"""Symbolic regression over FIND's op grammar, for the offline agent.
+
+Each op family is a set of candidate nonlinear parameters (a grid) and, per candidate, a few
+basis columns; amplitudes and an offset are then linear, so every candidate of a family is
+fitted at once by batched least squares. Sums are found by backfitting two families, products
+by fitting ``(g1 + u) (g2 + v)`` around the best single fits, and a corrupted interval by a
+prefix-sum search for the interval where a constant explains the residual best. Models are
+compared by BIC.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+Columns = tuple[np.ndarray, list[list[str]]]  # (T, k, n) values, per candidate k expressions
+
+
+def _f(v: float) -> str:
+    return f"{float(v):.6g}"
+
+
+def _grid1(vals: np.ndarray, col: Callable[[np.ndarray, np.ndarray], np.ndarray],
+           expr: Callable[[float], str], x: np.ndarray) -> Columns:
+    return col(vals[:, None], x[None, :])[:, None, :], [[expr(v)] for v in vals]
+
+
+def fam_fixed(x: np.ndarray, name: str) -> Columns:
+    cols = {"linear": ([x], ["x"]), "polynomial": ([x, x * x], ["x", "x ** 2"]),
+            "root": ([np.sqrt(np.abs(x))], ["math.sqrt(abs(x))"]),
+            "logarithm": ([np.log(np.abs(x) + 1)], ["math.log(abs(x) + 1)"]),
+            "constant": ([], [])}[name]
+    arr = np.array(cols[0]).reshape(1, len(cols[0]), len(x))
+    return arr, [cols[1]]
+
+
+def fam_cos(x: np.ndarray) -> Columns:
+    w = np.arange(0.004, 1.25, 0.001)
+    vals = np.stack([np.cos(w[:, None] * x), np.sin(w[:, None] * x)], 1)
+    return vals, [[f"math.cos({_f(v)} * x)", f"math.sin({_f(v)} * x)"] for v in w]
+
+
+def fam_gaussian(x: np.ndarray) -> Columns:
+    m, s = np.meshgrid(np.arange(-130, 131, 2.0), np.geomspace(2, 60, 16))
+    m, s = m.ravel(), s.ravel()
+    vals = np.exp(-(((x[None] - m[:, None]) / s[:, None]) ** 2) / 2)[:, None, :]
+    return vals, [[f"math.exp(-((x - {_f(a)}) / {_f(b)}) ** 2 / 2)"] for a, b in zip(m, s)]
+
+
+def fam_tanh(x: np.ndarray) -> Columns:
+    b, w = np.meshgrid(np.arange(-128, 129, 2.0), np.geomspace(0.01, 1.5, 20))
+    b, w = b.ravel(), w.ravel()
+    vals = np.tanh(w[:, None] * (x[None] - b[:, None]))[:, None, :]
+    return vals, [[f"math.tanh({_f(c)} * (x - {_f(a)}))"] for a, c in zip(b, w)]
+
+
+def fam_rectangle(x: np.ndarray) -> Columns:
+    edges = np.arange(-128, 129, 4.0)
+    lo, hi = np.meshgrid(edges, edges)
+    keep = hi > lo
+    lo, hi = lo[keep], hi[keep]
+    vals = ((x[None] >= lo[:, None]) & (x[None] <= hi[:, None])).astype(float)[:, None, :]
+    return vals, [[f"(1.0 if {_f(a)} <= x <= {_f(b)} else 0.0)"] for a, b in zip(lo, hi)]
+
+
+def fam_square(x: np.ndarray) -> Columns:
+    w, p = np.meshgrid(np.arange(0.03, 0.62, 0.002), np.arange(16) * (np.pi / 8))
+    w, p = w.ravel(), p.ravel()
+    vals = np.where(np.sin(w[:, None] * x[None] + p[:, None]) >= 0, 1.0, -1.0)[:, None, :]
+    return vals, [[f"(1.0 if math.sin({_f(a)} * x + {_f(b)}) >= 0 else -1.0)"]
+                  for a, b in zip(w, p)]
+
+
+FAMILIES: dict[str, Callable[[np.ndarray], Columns]] = {
+    **{n: (lambda x, n=n: fam_fixed(x, n))
+       for n in ("constant", "linear", "polynomial", "root", "logarithm")},
+    "cos": fam_cos,
+    "gaussian": fam_gaussian,
+    "tanh": fam_tanh,
+    "rectangle": fam_rectangle,
+    "square_wave": fam_square,
+    "absolute": lambda x: _grid1(np.arange(-128, 128.5, 0.5), lambda b, x: np.abs(x - b),
+                                 lambda b: f"abs(x - {_f(b)})", x),
+    "relu": lambda x: _grid1(np.arange(-128, 128.5, 0.5), lambda b, x: np.maximum(0, x - b),
+                             lambda b: f"max(0.0, x - {_f(b)})", x),
+    "step": lambda x: _grid1(np.arange(-128, 128.5, 0.5), lambda b, x: (x > b) * 1.0,
+                             lambda b: f"(1.0 if x > {_f(b)} else 0.0)", x),
+    "reciprocal": lambda x: _grid1(np.arange(-128, 128.5, 0.5), lambda b, x: 1 / (x - b),
+                                   lambda b: f"1 / (x - {_f(b)})", x),
+    "rational": lambda x: _grid1(np.geomspace(1, 2000, 80), lambda b, x: x / (x * x + b),
+                                 lambda b: f"x / (x ** 2 + {_f(b)})", x),
+    "floor": lambda x: _grid1(np.arange(1, 25, 0.01), lambda s, x: np.floor(x / s),
+                              lambda s: f"math.floor(x / {_f(s)})", x),
+    "ceil": lambda x: _grid1(np.arange(1, 25, 0.01), lambda s, x: np.ceil(x / s),
+                             lambda s: f"math.ceil(x / {_f(s)})", x),
+}
+
+
+@dataclass
+class Fit:
+    sse: float
+    n_params: int
+    exprs: list[str]  # basis expressions; the model is offset + sum(coef * expr)
+    coef: list[float]
+    offset: float
+    ops: list[str] = field(default_factory=list)
+    pred: np.ndarray | None = None  # values at the points it was fitted on
+
+    def expression(self) -> str:
+        terms = [_f(self.offset)] + [f"{_f(c)} * ({e})" for c, e in zip(self.coef, self.exprs)]
+        return " + ".join(terms)
+
+    def bic(self, n: int) -> float:
+        return n * math.log(max(self.sse, 1e-12) / n) + self.n_params * math.log(n)
+
+
+Best = tuple[int, float, np.ndarray, float, np.ndarray]
+
+
+def batched_fit(vals: np.ndarray, y: np.ndarray) -> Best:
+    """Least squares with an intercept for every candidate of ``vals`` (T, k, n) at once:
+    the best candidate, its SSE, coefficients, offset and predictions."""
+    yc = y - y.mean()
+    if vals.shape[1] == 0:
+        return 0, float(yc @ yc), np.zeros(0), float(y.mean()), np.full(len(y), y.mean())
+    vc = vals - vals.mean(-1, keepdims=True)
+    a = vc @ vc.transpose(0, 2, 1)
+    eye = np.eye(vals.shape[1])
+    a = a + (1e-9 * np.einsum("tkk->tk", a)[:, :, None] + 1e-12) * eye  # relative ridge
+    b = vc @ yc
+    coef = np.linalg.solve(a, b[..., None])[..., 0]
+    sse = yc @ yc - (coef * b).sum(-1)
+    sse = np.where(np.isfinite(sse), sse, np.inf)
+    t = int(np.argmin(sse))
+    off = float(y.mean() - coef[t] @ vals[t].mean(-1))
+    return t, float(max(sse[t], 0.0)), coef[t], off, off + coef[t] @ vals[t]
+
+
+def fit_family(name: str, x: np.ndarray, y: np.ndarray,
+               times: tuple[np.ndarray, str] | None = None) -> Fit:
+    """Best member of a family; with ``times`` = (g, expr), of ``(g + u) * (family + v)``."""
+    vals, exprs = _columns(name, x)
+    n_nonlin = 0 if len(exprs) == 1 else (
+        2 if name in ("gaussian", "tanh", "rectangle", "square_wave") else 1)
+    if times is None:
+        t, sse, coef, off, pred = batched_fit(vals, y)
+        return Fit(sse, n_nonlin + vals.shape[1] + 1, exprs[t], list(coef), off, [name], pred)
+    g, gexpr = times
+    both = np.concatenate([vals * g, vals, np.broadcast_to(g, (vals.shape[0], 1, len(x)))], 1)
+    t, sse, coef, off, pred = batched_fit(both, y)
+    ex = [f"({gexpr}) * ({e})" for e in exprs[t]] + exprs[t] + [gexpr]
+    return Fit(sse, n_nonlin + both.shape[1] + 3, ex, list(coef), off, [name], pred)
+
+
+_CACHE: dict[tuple[str, bytes], Columns] = {}
+
+
+def _columns(name: str, x: np.ndarray) -> Columns:
+    """A family's candidate columns at ``x``, cached for the last few point sets."""
+    key = (name, x.tobytes())
+    if key not in _CACHE:
+        if len(_CACHE) > 4 * len(FAMILIES):
+            _CACHE.clear()
+        _CACHE[key] = FAMILIES[name](x)
+    return _CACHE[key]
+
+
+def best_single(x: np.ndarray, y: np.ndarray) -> list[Fit]:
+    fits = [fit_family(n, x, y) for n in FAMILIES]
+    return sorted(fits, key=lambda f: f.bic(len(x)))
+
+
+def _pred(fit: Fit) -> np.ndarray:
+    assert fit.pred is not None
+    return fit.pred
+
+
+def fit_sum(x: np.ndarray, y: np.ndarray, first: Fit) -> Fit:
+    """Backfit: a second family on the residual of the first, then the first again."""
+    b = min((fit_family(n, x, y - _pred(first)) for n in FAMILIES), key=lambda f: f.sse)
+    a = fit_family(first.ops[0], x, y - _pred(b))
+    pred = _pred(a) + _pred(b)
+    return Fit(float(((y - pred) ** 2).sum()), a.n_params + b.n_params - 1, a.exprs + b.exprs,
+               a.coef + b.coef, a.offset + b.offset, a.ops + b.ops, pred)
+
+
+def fit_product(x: np.ndarray, y: np.ndarray, seeds: list[Fit]) -> Fit | None:
+    fits = []
+    for s in seeds:
+        g = _pred(s) - s.offset
+        if np.ptp(g) < 1e-9:
+            continue
+        gexpr = " + ".join(f"{_f(c)} * ({e})" for c, e in zip(s.coef, s.exprs))
+        for n in FAMILIES:
+            f = fit_family(n, x, y, times=(g, gexpr))
+            f.ops = [s.ops[0], n]
+            f.n_params += s.n_params - 1
+            fits.append(f)
+    return min(fits, key=lambda f: f.bic(len(x))) if fits else None
+
+
+def fit_model(x: np.ndarray, y: np.ndarray, n_seeds: int = 2,
+              singles: list[Fit] | None = None) -> tuple[Fit, str]:
+    """The best of single, sum and product models by BIC, and which kind it is."""
+    singles = singles or best_single(x, y)
+    cands = [(singles[0], "atomic")]
+    cands += [(fit_sum(x, y, s), "sum") for s in singles[:n_seeds]]
+    if (prod := fit_product(x, y, singles[:n_seeds])) is not None:
+        cands.append((prod, "product"))
+    return min(cands, key=lambda c: c[0].bic(len(x)))
+
+
+def find_interval(x: np.ndarray, y: np.ndarray, resid: np.ndarray,
+                  step: int = 2) -> tuple[float, float, float, float] | None:
+    """The interval [x_i, x_j] where replacing the model by a constant lowers the SSE most:
+    (lo, hi, constant, SSE saved), or None when nothing is saved."""
+    n = len(x)
+    r2 = np.concatenate([[0], np.cumsum(resid ** 2)])
+    s1 = np.concatenate([[0], np.cumsum(y)])
+    s2 = np.concatenate([[0], np.cumsum(y * y)])
+    idx = np.unique(np.concatenate([np.arange(0, n + 1, step), [n]]))
+    i, j = np.meshgrid(idx, idx, indexing="ij")
+    ok = j - i >= 3
+    i, j = i[ok], j[ok]
+    cnt = j - i
+    const_sse = (s2[j] - s2[i]) - (s1[j] - s1[i]) ** 2 / cnt
+    saved = (r2[j] - r2[i]) - const_sse
+    k = int(np.argmax(saved))
+    if saved[k] <= 0:
+        return None
+    a, b = int(i[k]), int(j[k])
+    return float(x[a]), float(x[b - 1]), float((s1[b] - s1[a]) / (b - a)), float(saved[k])
+
+
+def solve_numeric(x: np.ndarray, y: np.ndarray, n_intervals: int = 2) -> dict[str, Any]:
+    """Model plus corrupted interval. Candidate intervals come from the residuals of the best
+    atomic fits (before a composite can absorb the corruption); each is tried, the model
+    refitted outside it, and the best by BIC (an interval costs 3 parameters) is kept."""
+    n = len(x)
+    singles = best_single(x, y)
+    fit, kind = fit_model(x, y, singles=singles)
+    best = (fit.bic(n), fit, kind, None)
+    tried: list[tuple[float, float]] = []
+    for single in singles[:n_intervals]:
+        found = find_interval(x, y, y - _pred(single))
+        if found is None or any(abs(found[0] - a) < 2 and abs(found[1] - b) < 2
+                                for a, b in tried):
+            continue
+        lo, hi, c, _ = found
+        tried.append((lo, hi))
+        inside = (x >= lo) & (x <= hi)
+        if inside.all() or (~inside).sum() < 10:
+            continue
+        f, k = fit_model(x[~inside], y[~inside])
+        sse = f.sse + float(((y[inside] - c) ** 2).sum())
+        bic = n * math.log(max(sse, 1e-12) / n) + (f.n_params + 3) * math.log(n)
+        if bic < best[0]:
+            best = (bic, f, k, (lo, hi, c))
+    return {"fit": best[1], "kind": best[2], "interval": best[3]}
+
+
+def numeric_code(result: dict[str, Any], lo_edge: float = -128.0,
+                 hi_edge: float = 128.0) -> tuple[str, str, list[float] | None]:
+    """Python code defining ``f``, a description, and the stated interval."""
+    fit: Fit = result["fit"]
+    expr = fit.expression()
+    lines = ["import math", "", "def f(x):", "    x = float(x)"]
+    desc = f"{result['kind']} of {' and '.join(fit.ops)}: f(x) = {expr.replace('math.', '')}"
+    interval = None
+    if result["interval"] is not None:
+        lo, hi, c = result["interval"]
+        lo = lo_edge if lo <= lo_edge + 1 else lo
+        hi = hi_edge if hi >= hi_edge - 1 else hi
+        interval = [lo, hi]
+        cond = " and ".join([*([f"x >= {_f(lo)}"] if lo > lo_edge else []),
+                             *([f"x <= {_f(hi)}"] if hi < hi_edge else [])]) or "True"
+        lines += [f"    if {cond}:", f"        return {_f(c)}"]
+        desc += f", except for x in [{lo:g}, {hi:g}] where it is {c:.3g}"
+    lines += ["    try:", f"        return {expr}", "    except (ZeroDivisionError, ValueError):",
+              "        return 0.0", ""]
+    return "\n".join(lines), desc, interval

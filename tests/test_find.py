@@ -1,0 +1,258 @@
+"""The FIND-style benchmark: suite, black box, agents, evaluation, bad input, CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from neuroscribe.find_agents import (
+    BlackBox,
+    OfflineAgent,
+    chain_code,
+    search_strings,
+    string_candidates,
+)
+from neuroscribe.find_aia import LLMAgent, parse_call, parse_final, parse_interval
+from neuroscribe.find_eval import Evaluator, FindConfig, interval_iou, nmse
+from neuroscribe.find_suite import (
+    OPS,
+    FindFunction,
+    SuiteConfig,
+    eval_points,
+    load_suite,
+    make_suite,
+    save_suite,
+)
+from neuroscribe.llm import Client, LLMConfig, Request, Response
+from neuroscribe.sandbox import SandboxConfig, Worker, run_code
+
+SMALL = SuiteConfig(n_numeric=6, n_string=6, n_entity=3, puzzles="")
+PUZZLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "puzzles" / "puzzles.json"
+
+
+def run_in_process(fn: FindFunction, entry: str, xs: list[float]) -> list[float]:
+    ns: dict[str, object] = {}
+    exec(fn.code, ns)  # noqa: S102 - the suite's own reference code, in a test
+    return [ns[entry](x) for x in xs]  # type: ignore[operator]
+
+
+def test_suite_is_reproducible_sized_and_round_trips(tmp_path: Path) -> None:
+    a, b = make_suite(SMALL), make_suite(SMALL)
+    assert a == b
+    assert a != make_suite(replace(SMALL, seed=1))
+    assert [f.category for f in a].count("numeric") == 6
+    assert [f.category for f in a].count("entity") == 3
+    save_suite(a, SMALL, tmp_path / "suite.json")
+    assert load_suite(tmp_path / "suite.json") == a
+    for f in a:
+        assert f.description and f.domain and "def f(" in f.code and "f_clean" in f.code
+
+
+def test_numeric_functions_follow_finds_recipe() -> None:
+    fns = [f for f in make_suite(replace(SMALL, n_numeric=300, n_string=0, n_entity=0))]
+    atomic = {f.op for f in fns if ":" not in f.op}
+    assert atomic == set(OPS) and len(OPS) == 18
+    assert {f.op.split(":")[0] for f in fns} >= {"sum", "product"}
+    assert {f.params["noise"]["kind"] for f in fns} == {"uniform", "normal", "poisson"}
+    assert {f.params["corruption"]["kind"] for f in fns} == {"inside", "smaller", "larger"}
+    f = fns[0]
+    lo, hi = f.interval
+    inside = [x for x in eval_points() if lo <= x <= hi]
+    value = f.params["corruption"]["value"]
+    assert inside and all(v == value for v in run_in_process(f, "f_clean", inside))
+    clean, noisy = run_in_process(f, "f_clean", [3.5] * 20), run_in_process(f, "f", [3.5] * 20)
+    assert len(set(clean)) == 1 and len(set(noisy)) > 1
+
+
+def test_nmse_and_interval_iou() -> None:
+    truth = [0.0, 1.0, 2.0, 3.0]
+    assert nmse(truth, truth) == 0
+    assert nmse(truth, [1.5] * 4) == pytest.approx(1.0)
+    assert nmse([2.0] * 4, [2.0, 2.0, 2.0, 3.0]) == pytest.approx(0.25 / 4)
+    assert interval_iou([0, 10], [5, 15]) == pytest.approx(5 / 15)
+    assert interval_iou([-200, -100], [-128, -100]) == 1.0
+    assert interval_iou(None, None) == 1.0 and interval_iou(None, [0, 1]) == 0.0
+
+
+def test_offline_agent_recovers_a_corrupted_noisy_function() -> None:
+    fn = FindFunction("t", "numeric", "cos", "", "", "\n".join([
+        "import math, random", "_r = random.Random(0)", "def f_clean(x):",
+        "    if 20 <= x <= 45:", "        return 7.0", "    return 3.0 * math.cos(0.3 * x) - 1.0",
+        "def f(x):", "    return f_clean(x) + _r.gauss(0, 0.1)", ""]), interval=[20.0, 45.0])
+    with Worker(SandboxConfig(timeout=20)) as w:
+        ans = asyncio.run(OfflineAgent().solve(BlackBox(fn.code, w), "numeric"))
+        ev = Evaluator(FindConfig(), lambda f, xs: run_in_process(f, "f_clean", xs),
+                       lambda code, xs: run_code(code, xs))
+        m = ev.score(fn, ans)
+    assert m["solved"] and m["nmse"] < 0.01, (ans.description, m)
+    assert m["iou"] > 0.8
+
+
+def test_string_search_finds_a_composition() -> None:
+    ns: dict[str, object] = {}
+    exec("def t(x):\n    return ''.join(c for c in x[::-1] if c not in 'aeiou')", ns)
+    probes = ["the quick brown fox", "banana", "Hello World", "xyz abc"]
+    chain = search_strings(probes, [ns["t"](p) for p in probes],  # type: ignore[operator]
+                           string_candidates())
+    assert chain is not None and len(chain) == 2
+    code, desc = chain_code(chain)
+    assert run_code(code, ["aeiou stop"]).outputs == ["pts "] and "reverses" in desc
+
+
+class Scripted:
+    """A fake LLM backend replying from a script, one reply per call."""
+
+    name, model = "fake", "scripted"
+
+    def __init__(self, replies: list[str]) -> None:
+        self.replies, self.prompts = list(replies), []
+
+    async def complete(self, req: Request) -> Response:
+        self.prompts.append(req.messages[-1][1])
+        return Response(self.replies.pop(0) if self.replies else "I am not sure.")
+
+
+GOOD = "FINAL\nDESCRIPTION: twice x plus one\nDOMAIN: none\nCODE:\n```python\ndef f(x):\n" \
+       "    return 2 * x + 1\n```"
+LINEAR = FindFunction("lin", "numeric", "linear", "f(x) = 2x + 1", "all real x",
+                      "def f_clean(x):\n    return 2 * float(x) + 1\n\nf = f_clean\n")
+
+
+def solve_with(replies: list[str], rounds: int = 20) -> tuple[object, Scripted]:
+    backend = Scripted(replies)
+    agent = LLMAgent(Client(backend, LLMConfig(retries=0)), "aia", rounds=rounds)
+    with Worker(SandboxConfig()) as w:
+        return asyncio.run(agent.solve(BlackBox(LINEAR.code, w), "numeric")), backend
+
+
+def test_aia_experiments_then_answers_and_is_scored() -> None:
+    ans, backend = solve_with([GOOD, "CALL: [0, 1, -2.5]", GOOD])  # too early, then on time
+    assert ans.failure is None and ans.llm_calls == 3
+    assert "not understood" in backend.prompts[1] and "CALL:" in backend.prompts[0]
+    assert "f(0) = 1" in backend.prompts[2] and "f(-2.5) = -4" in backend.prompts[2]
+    ev = Evaluator(FindConfig(), lambda f, xs: run_in_process(f, "f_clean", xs),
+                   lambda code, xs: run_code(code, xs))
+    assert ev.score(LINEAR, ans)["solved"]
+
+
+@pytest.mark.parametrize("reply,why", [
+    ("FINAL\nDESCRIPTION: a line\nDOMAIN: none\n", "no code"),
+    ("FINAL\nDESCRIPTION: a line\nDOMAIN: none\nCODE:\n```python\ndef f(x) return x\n```",
+     "does not parse"),
+])
+def test_aia_bad_final_answers_are_failures_with_reasons(reply: str, why: str) -> None:
+    ans, _ = solve_with(["CALL: [1, 2]", reply])
+    assert ans.failure is not None and why in ans.failure
+
+
+def test_an_llm_that_ignores_the_protocol_fails_and_stops() -> None:
+    ans, backend = solve_with(["hello", "I think it is linear", "maybe"])
+    assert ans.failure and "never answered the protocol" in ans.failure
+    assert ans.llm_calls == 3 and "not understood" in backend.prompts[1]
+
+
+def test_single_round_baseline_sees_random_inputs_and_answers_once() -> None:
+    backend = Scripted([GOOD])
+    agent = LLMAgent(Client(backend, LLMConfig(retries=0)), "baseline", rounds=0, n_random=5)
+    with Worker(SandboxConfig()) as w:
+        box = BlackBox(LINEAR.code, w)
+        ans = asyncio.run(agent.solve(box, "numeric"))
+    assert ans.failure is None and ans.llm_calls == 1 and box.n_inputs == 5
+    assert backend.prompts[0].count("f(") >= 5 and "No more experiments" in backend.prompts[0]
+
+
+def test_parsers() -> None:
+    assert parse_call('CALL: [1, "2", 3.5] thanks', "numeric", 10) == [1.0, 2.0, 3.5]
+    assert parse_call("CALL: ['ab', 'c']", "string", 1) == ["ab"]
+    assert parse_call("no call here", "numeric", 10) is None
+    assert parse_interval("[-10, 5.5]") == [-10.0, 5.5]
+    assert parse_interval("x < -90") == [-128.0, -90.0]
+    assert parse_interval("none") is None
+    final = parse_final(GOOD, "string")
+    assert final is not None and final.failure is None and "2 * x + 1" in final.code
+    assert parse_final("CALL: [1]", "numeric") is None
+
+
+def test_bad_functions_are_failures_and_the_benchmark_goes_on(tmp_path: Path) -> None:
+    from neuroscribe.cli import main
+
+    hang = replace(LINEAR, id="hang", code="def f(x):\n    while True:\n        pass\n"
+                   "f_clean = f\n")
+    crash = replace(LINEAR, id="crash", code="import os\ndef f(x):\n    os._exit(1)\n"
+                    "f_clean = f\n")
+    broken = replace(LINEAR, id="broken", code="def f(x) :: nope\n")
+    rev = FindFunction("rev", "string", "reverse", "reverses the string", "strings",
+                       "def f(x):\n    return str(x)[::-1]\n\nf_clean = f\n")
+    suite = tmp_path / "suite.json"
+    save_suite([hang, crash, broken, LINEAR, rev], SMALL, suite)
+    out = tmp_path / "run"
+    assert main(["bench-find", "--out", str(out), "--suite", str(suite), "--fn-timeout", "2",
+                 "--agents", "offline"]) == 0
+    report = json.loads((out / "find.json").read_text())
+    by = {r["id"]: r for r in report["results"]}
+    assert "timeout" in by["hang"]["failure"] and "crashed" in by["crash"]["failure"]
+    assert "SyntaxError" in by["broken"]["failure"]
+    assert by["lin"]["solved"] and by["rev"]["solved"] and not by["hang"]["solved"]
+    table = (out / "find.txt").read_text()
+    assert "numeric" in table and "1/4" in table and "string" in table
+    assert main(["bench-find", "--out", str(out), "--suite", str(suite)]) == 2  # no overwrite
+    assert main(["bench-find", "--out", str(out), "--suite", str(suite), "--fn-timeout", "2",
+                 "--agents", "offline", "--resume"]) == 0
+
+
+@pytest.mark.skipif(not PUZZLES.is_file(), reason="OpenAI's puzzles.json is not available")
+def test_puzzles_join_the_suite_as_a_token_activation_category() -> None:
+    fns = make_suite(replace(SMALL, n_numeric=0, n_string=0, n_entity=0, puzzles=str(PUZZLES)))
+    assert len(fns) == 19 and {f.category for f in fns} == {"puzzle"}
+    with Worker(SandboxConfig()) as w:
+        ans = asyncio.run(OfflineAgent().solve(BlackBox(fns[0].code, w), "puzzle"))
+    assert ans.description.startswith("fires on")
+
+
+@pytest.mark.integration
+def test_entity_neuron_is_selective_and_offline_agent_names_its_concept() -> None:
+    from neuroscribe.find_report import make_workers
+
+    fn = next(f for f in make_suite(SMALL) if f.category == "entity")
+    cfg = FindConfig()
+    w = make_workers(cfg)["entity"]
+    try:
+        concept = fn.params["concepts"][0]
+        ans = asyncio.run(OfflineAgent().solve(BlackBox(fn.code, w), "entity"))
+        assert concept.replace("_", " ") in ans.description
+
+        def truth(f: FindFunction, xs: list[str]) -> list[float]:
+            return w.call(f.code, xs, "f_clean").outputs
+
+        def embed(texts: list[str]) -> np.ndarray:  # the worker's model, loaded once
+            code = "def f(x):\n    return [float(v) for v in embed([x])[0]]\n"
+            return np.array(w.call(code, texts).outputs)
+
+        ev = Evaluator(cfg, truth, lambda c, xs: run_code(c, xs), embed)
+        m = ev.score(fn, ans)
+        assert m["unit_test_accuracy"] >= 0.8
+        bad = ev.score(fn, replace(ans, description="fires on words about kitchen utensils"))
+        assert bad["unit_test_accuracy"] < m["unit_test_accuracy"]
+    finally:
+        w.close()
+
+
+def test_product_search_skips_constant_seeds() -> None:
+    from neuroscribe.find_fit import Fit, fit_product
+
+    x = np.linspace(-128, 128, 64)
+    flat = Fit(0.0, 1, [], [], 2.0, ["constant"], np.full(64, 2.0))
+    assert fit_product(x, np.full(64, 2.0), [flat]) is None
+
+
+def test_unknown_agent_is_a_one_line_error_without_output(tmp_path: Path) -> None:
+    from neuroscribe.cli import main
+
+    out = tmp_path / "run"
+    assert main(["bench-find", "--out", str(out), "--agents", "oracle", "--puzzles", ""]) == 2
+    assert not out.exists()
