@@ -211,8 +211,12 @@ def _batches(cfg: RecordConfig, tokenizer: Any) -> Any:
         yield batch
 
 
-def record(cfg: RecordConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """Record every unit of the hookpoints; write ``records/*.safetensors`` and ``record.json``."""
+def record(cfg: RecordConfig, run_dir: Path, resume: bool = False,
+           subject: Any = None) -> dict[str, Any]:
+    """Record every unit of the hookpoints; write ``records/*.safetensors`` and ``record.json``.
+
+    ``subject`` replaces loading ``cfg.model`` (the planted-neuron bench passes the model with
+    its planted units)."""
     import torch
     from tqdm import tqdm
 
@@ -225,7 +229,7 @@ def record(cfg: RecordConfig, run_dir: Path, resume: bool = False) -> dict[str, 
                  "latent_splits"):
         if getattr(cfg, name) < (0 if name.startswith("n_") else 1):
             raise UserError(f"--{name.replace('_', '-')} must be positive")
-    subject = load_subject(cfg.model, cfg.device, cfg.dtype)
+    subject = subject or load_subject(cfg.model, cfg.device, cfg.dtype)
     if subject.max_context and cfg.ctx_len > subject.max_context:
         raise UserError(f"--ctx-len {cfg.ctx_len} is longer than {cfg.model} allows "
                         f"({subject.max_context} tokens)")

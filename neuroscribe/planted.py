@@ -1,0 +1,441 @@
+"""Planted neurons: check the whole neuron pipeline on units whose function is known.
+
+K units of one MLP activation hookpoint (SmolLM2-135M ``model.layers.3.mlp.act_fn`` by default)
+are overwritten by planted neurons: each fires at ``strength`` on the tokens its concept's rule
+accepts (colour words, digits, month names, closing brackets, a word after "the", ...) and is 0
+elsewhere. The rule is a lookup on the input token ids, applied by a forward hook on that module
+that runs before any other hook, so recording the hookpoint sees the planted units exactly as it
+sees every other unit. Then ``record -> explain -> score`` runs as on any layer, and concept
+recovery is the fraction of planted units whose explanation is judged closer to the true
+description than to every distractor (by MiniLM embeddings, and optionally by an LLM).
+Concepts are data: ``neuroscribe/data/planted/concepts.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .runs import opt
+
+Matcher = Callable[[str], bool]
+DEFAULT_CORPUS = ("../shared/data/corpora/tinystories-val.txt,"
+                  "../shared/data/corpora/wikitext2-valid.txt")
+
+
+def _words(values: Sequence[str]) -> Matcher:
+    words = {v.lower() for v in values}
+    return lambda tok: tok.strip().lower() in words
+
+
+def _cased(values: Sequence[str]) -> Matcher:
+    words = set(values)
+    return lambda tok: tok.strip() in words
+
+
+def _regex(pattern: str) -> Matcher:
+    rx = re.compile(pattern)
+    return lambda tok: rx.search(tok) is not None
+
+
+# How a token is tested: {"words": [...]}, {"cased": [...]} or {"regex": "..."}.
+MATCHERS: dict[str, Callable[[Any], Matcher]] = {"words": _words, "cased": _cased,
+                                                 "regex": _regex}
+
+
+def compile_matcher(spec: Any, where: str) -> Matcher:
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise UserError(f"{where}: a matcher is one of {sorted(MATCHERS)} with its value")
+    ((kind, value),) = spec.items()
+    if kind not in MATCHERS:
+        raise UserError(f"{where}: unknown matcher {kind!r}; have {sorted(MATCHERS)}")
+    try:
+        return MATCHERS[kind](value)
+    except (re.error, TypeError) as e:
+        raise UserError(f"{where}: bad {kind} matcher: {e}") from e
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A planted neuron's function: its true description, distractors and firing rule."""
+
+    name: str
+    description: str
+    distractors: tuple[str, ...]
+    token: Matcher
+    previous: Matcher | None = None  # the preceding token (in the same context) must match
+
+    def fires(self, tokens: Sequence[str]) -> list[bool]:
+        """The rule on a token list: where this planted neuron fires."""
+        prev = self.previous
+        return [self.token(t) and (prev is None or (i > 0 and prev(tokens[i - 1])))
+                for i, t in enumerate(tokens)]
+
+
+def load_concepts(path: str = "") -> list[Concept]:
+    """The concepts of a JSON file (``concepts.json``'s format; default: the packaged one)."""
+    if path and not Path(path).is_file():
+        raise UserError(f"concepts file not found: {path}")
+    text = (Path(path).read_text() if path else
+            resources.files("neuroscribe").joinpath("data/planted/concepts.json").read_text())
+    try:
+        raw = json.loads(text)["concepts"]
+        out = [Concept(d["name"], d["description"], tuple(d["distractors"]),
+                       compile_matcher(d["token"], f"concept {d['name']} token"),
+                       compile_matcher(d["previous"], f"concept {d['name']} previous")
+                       if d.get("previous") else None) for d in raw]
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise UserError(f"concepts file {path or 'concepts.json'} is malformed: "
+                        f"{type(e).__name__}: {e}") from e
+    names = [c.name for c in out]
+    if len(set(names)) != len(names) or not all(c.description and c.distractors for c in out):
+        raise UserError("concepts need unique names, a description and at least one distractor")
+    return out
+
+
+@dataclass
+class PlantedConfig:
+    """Which neurons to plant, where, and how to judge their explanations."""
+
+    concepts: str = opt("", "concepts JSON file (default: neuroscribe/data/planted/concepts.json)")
+    n_planted: int = opt(0, "concepts to plant, first N of the file (0: all of them)")
+    strength: float = opt(4.0, "activation of a planted neuron where its rule fires (0 elsewhere)")
+    plant_seed: int = opt(0, "seed of the choice of the overwritten units")
+    interleave: bool = opt(True, "interleave the corpus files line by line into RUN/corpus.txt "
+                           "first, so that --max-tokens reads from every file")
+    judges: str = opt("embedding", "comma-separated recovery judges: embedding (MiniLM cosine), "
+                      "llm (the explainer's LLM picks among the shuffled descriptions)")
+
+
+@dataclass
+class Planting:
+    """Planted units at one hookpoint; ``remove`` takes the hooks off the model."""
+
+    hookpoint: str
+    units: list[int]
+    concepts: list[Concept]
+    strength: float
+    handles: list[Any]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def rule_tables(concepts: Sequence[Concept], vocab: Sequence[str]) -> tuple[Any, Any, Any]:
+    """Vocabulary lookups [V, K]: token matches, previous-token matches, and [K] whether a
+    concept may fire at a context's first position (only when it has no previous rule)."""
+    import torch
+
+    tok = torch.tensor([[c.token(t) for c in concepts] for t in vocab], dtype=torch.bool)
+    prev = torch.tensor([[c.previous is None or c.previous(t) for c in concepts] for t in vocab],
+                        dtype=torch.bool)
+    first = torch.tensor([c.previous is None for c in concepts], dtype=torch.bool)
+    return tok, prev, first
+
+
+def planted_values(ids: Any, tables: tuple[Any, Any, Any], strength: float) -> Any:
+    """Planted activations [B, T, K] of token ids [B, T]."""
+    import torch
+
+    tok, prev, first = (t.to(ids.device) for t in tables)
+    b, k = ids.shape[0], tok.shape[1]
+    prev_ok = torch.cat([first.expand(b, 1, k), prev[ids[:, :-1]]], dim=1)
+    return (tok[ids] & prev_ok).float() * strength
+
+
+def choose_units(n_units: int, k: int, seed: int) -> list[int]:
+    if k > n_units:
+        raise UserError(f"cannot plant {k} neurons in a hookpoint of {n_units} units")
+    return sorted(random.Random(seed).sample(range(n_units), k))
+
+
+def count_units(model: Any, hookpoint: str) -> int:
+    """The hookpoint's width, from a one-token forward pass."""
+    import torch
+
+    from .models import capture, run_to_hooks
+
+    with capture(model, [hookpoint]) as store, torch.inference_mode():
+        acts = run_to_hooks(model, torch.zeros((1, 1), dtype=torch.long,
+                                                device=next(model.parameters()).device), store)
+    return int(acts[hookpoint].shape[-1])
+
+
+def plant(subject: Any, hookpoint: str, concepts: Sequence[Concept], strength: float,
+          seed: int = 0) -> Planting:
+    """Overwrite ``len(concepts)`` units of a module's output with planted neurons."""
+    import torch
+
+    from .models import parse_hookpoint, resolve_hookpoints
+
+    model = subject.model
+    hp = parse_hookpoint(hookpoint)
+    if hp.where == "input" or hp.sae or "," in hookpoint or "*" in hookpoint:
+        raise UserError(f"plant at one module's output, not {hookpoint!r}")
+    resolve_hookpoints(model, [hookpoint])  # a clear error for an unknown module
+    units = choose_units(count_units(model, hookpoint), len(concepts), seed)
+    tables = rule_tables(concepts, subject.token_strings())
+    seen: dict[str, Any] = {}
+
+    def remember(_mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen["ids"] = kwargs.get("input_ids", args[0] if args else None)
+
+    def overwrite(_mod: Any, _args: tuple[Any, ...], out: Any) -> Any:
+        ids = seen.get("ids")
+        if ids is None or tuple(ids.shape) != tuple(out.shape[:2]):
+            raise UserError(f"planted neurons at {hookpoint} need the input_ids of the pass")
+        idx = torch.tensor(units, device=out.device)
+        return out.index_copy(-1, idx, planted_values(ids, tables, strength).to(out.dtype))
+
+    module = dict(model.named_modules())[hp.path]
+    handles = [model.register_forward_pre_hook(remember, with_kwargs=True, prepend=True),
+               module.register_forward_hook(overwrite, prepend=True)]
+    return Planting(hookpoint, units, list(concepts), strength, handles)
+
+
+def interleave_corpus(spec: str, path: Path) -> str:
+    """Write the lines of the corpus files to ``path``, each next line from the file that has
+    given the fewest characters so far; return the corpus spec to record (``spec`` itself for
+    one file or a hub dataset)."""
+    from .corpus import resolve_files
+    from .runs import atomic_write_text
+
+    files = [] if spec.startswith("hf:") else resolve_files(spec)
+    if len(files) < 2 or path.exists():
+        return str(path) if path.exists() else spec
+    lines = [iter(f.read_text(encoding="utf-8", errors="replace").splitlines()) for f in files]
+    given, out, live = [0] * len(files), [], set(range(len(files)))
+    while live:
+        i = min(live, key=given.__getitem__)
+        if (line := next(lines[i], None)) is None:
+            live.discard(i)
+        elif line.strip():
+            out.append(line)
+            given[i] += len(line)
+    atomic_write_text(path, "\n".join(out) + "\n")
+    return str(path)
+
+
+def embedding_verdict(embed: Any, explanation: str, concept: Concept,
+                      others: Sequence[Concept]) -> dict[str, Any]:
+    """Recovered when the explanation is closer (cosine) to the truth than to every
+    distractor; also the nearest true description among all planted concepts."""
+    vecs = embed([explanation, concept.description, *concept.distractors])
+    sims = [float(vecs[0] @ v) for v in vecs[1:]]
+    alls = embed([c.description for c in others]) @ vecs[0]
+    return {"recovered": all(sims[0] > s for s in sims[1:]), "similarity_true": round(sims[0], 4),
+            "similarity_distractors": [round(s, 4) for s in sims[1:]],
+            "nearest_concept": others[int(alls.argmax())].name}
+
+
+async def llm_verdict(client: Any, explanation: str, concept: Concept,
+                      seed: int = 0) -> dict[str, Any]:
+    """The LLM picks the description that matches; the options are shuffled per concept."""
+    from .llm import LLMError, Request
+
+    t = json.loads(resources.files("neuroscribe").joinpath("data/planted/judge.json").read_text())
+    options = [concept.description, *concept.distractors]
+    random.Random(f"{seed}:{concept.name}").shuffle(options)
+    listed = "\n".join(t["option"].format(index=i + 1, text=o) for i, o in enumerate(options))
+    user = t["user"].format(explanation=explanation, options=listed)
+    try:
+        reply = await client.complete(Request(messages=(("system", t["system"]), ("user", user)),
+                                              max_tokens=8, stage="judge"))
+    except LLMError as e:
+        return {"recovered": False, "failure": str(e)}
+    m = re.search(r"\d+", reply.text)
+    if m is None or not 1 <= int(m.group()) <= len(options):
+        return {"recovered": False, "failure": f"no option number in reply {reply.text!r}"}
+    choice = options[int(m.group()) - 1]
+    return {"recovered": choice == concept.description, "choice": choice}
+
+
+class EmbeddingJudge:
+    """``embedding_verdict`` with one MiniLM embedder for the whole run."""
+
+    def __init__(self, concepts: Sequence[Concept], _ec: Any) -> None:
+        from .simulate import Embedder
+
+        self.concepts, self.embed = list(concepts), Embedder()
+
+    def __call__(self, explanation: str, concept: Concept) -> dict[str, Any]:
+        return embedding_verdict(self.embed, explanation, concept, self.concepts)
+
+
+class LLMJudge:
+    """``llm_verdict`` with the LLM configured for the explainer (its usage is reported)."""
+
+    def __init__(self, _concepts: Sequence[Concept], ec: Any) -> None:
+        from .llm import LLMConfig, make_client
+
+        self.client = make_client(LLMConfig(**{f.name: getattr(ec, f.name)
+                                               for f in dataclasses.fields(LLMConfig)}))
+
+    def __call__(self, explanation: str, concept: Concept) -> dict[str, Any]:
+        return asyncio.run(llm_verdict(self.client, explanation, concept))
+
+
+Judge = Callable[[str, Concept], dict[str, Any]]
+JUDGES: dict[str, Callable[[Sequence[Concept], Any], Judge]] = {"embedding": EmbeddingJudge,
+                                                                "llm": LLMJudge}
+
+
+def _unit_facts(store: Any, hp: str, unit: int, strength: float) -> dict[str, Any]:
+    """What the run holds for one planted unit: firing rate, explanation, its valid score."""
+    from .explain import explanation_path
+    from .pipeline import score_path
+
+    run_dir, t = store.run_dir, store.unit_tensors(hp, unit)
+    top = t["top_acts"][t["top_ctx"] >= 0]
+    facts: dict[str, Any] = {"unit": unit, "firing_rate": round(float(t["mean"]) / strength, 6),
+                             "active_top_records": int((top.amax(-1) > 0).sum())}
+    expl = json.loads(explanation_path(run_dir, hp, unit).read_text())
+    facts["explanation"] = expl.get("explanation")
+    facts["explain_failure"] = expl.get("failure")
+    path = score_path(run_dir, hp, unit, "scores")
+    detail = json.loads(path.read_text()) if path.exists() else {}
+    facts["valid_all_score"] = detail.get("scores", {}).get("valid_all", {}).get(
+        "ev_correlation_score")
+    return facts
+
+
+def judge_run(run_dir: Path, planting: dict[str, Any], concepts: Sequence[Concept],
+              judges: dict[str, Judge]) -> dict[str, Any]:
+    """Every planted unit's facts and verdicts, and the recovery fraction per judge."""
+    from .record import RecordStore
+
+    store, by_name, units = RecordStore(run_dir), {c.name: c for c in concepts}, []
+    for unit, name in planting["units"].items():
+        facts = {"concept": name, **_unit_facts(store, planting["hookpoint"], int(unit),
+                                                planting["strength"])}
+        facts["verdicts"] = {
+            j: judge(facts["explanation"], by_name[name]) if facts["explanation"] else
+            {"recovered": False, "failure": f"no explanation: {facts['explain_failure']}"}
+            for j, judge in judges.items()}
+        units.append(facts)
+    hits = {j: sum(u["verdicts"][j]["recovered"] for u in units) for j in judges}
+    recovery = {j: {"recovered": h, "n": len(units), "fraction": round(h / max(len(units), 1), 4)}
+                for j, h in hits.items()}
+    if "embedding" in judges:  # stricter: the nearest of all K true descriptions is the own one
+        recovery["embedding"]["nearest_of_all"] = sum(
+            u["verdicts"]["embedding"].get("nearest_concept") == u["concept"] for u in units)
+    return {"units": units, "recovery": recovery}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    p = report["planting"]
+    lines = [f"planted neurons: {len(p['units'])} at {p['hookpoint']} of {p['model']}, "
+             f"explainer {report['explainer']}, simulator {report['simulator']}",
+             f"  {'unit':>5} {'concept':<21}{'fires':>7}{'score':>7}  "
+             + "".join(f"{j[:5]:<6}" for j in report["recovery"]) + "explanation"]
+    for u in report["units"]:
+        s = u["valid_all_score"]
+        marks = "".join(f"{'yes' if v['recovered'] else 'no':<6}" for v in u["verdicts"].values())
+        lines.append(f"  {u['unit']:>5} {u['concept'][:20]:<21}{u['firing_rate']:>7.3f}"
+                     f"{'   nan' if s is None else f'{s:6.3f}':>7}  {marks}"
+                     f"{u['explanation'] or 'FAILED: ' + str(u['explain_failure'])}")
+    for j, r in report["recovery"].items():
+        lines.append(f"concept recovery ({j} judge): {r['recovered']} / {r['n']} = "
+                     f"{100 * r['fraction']:.1f}%" + (f"; nearest of all {r['n']} true "
+                     f"descriptions: {r['nearest_of_all']} / {r['n']}"
+                     if "nearest_of_all" in r else ""))
+    lines.append("stage seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))
+    return "\n".join(lines)
+
+
+def bench_planted(pc: PlantedConfig, rc: Any, ec: Any, sc: Any, run_dir: Path,
+                  resume: bool = False) -> dict[str, Any]:
+    """Plant, record, explain the planted units, score them, judge recovery; write
+    ``planted.json`` (config + report) and ``planted.txt`` (the table) in ``run_dir``."""
+    from .explain import EXPLAINERS, explain
+    from .llm import usage_of
+    from .models import load_subject
+    from .pipeline import score
+    from .record import record
+    from .runs import atomic_write_text, claim_stage, save_stage
+    from .simulate import SIMULATORS
+
+    concepts = load_concepts(pc.concepts)
+    concepts = concepts[: pc.n_planted] if pc.n_planted > 0 else concepts
+    names = [j for j in pc.judges.split(",") if j]
+    for name, known, flag in ((ec.explainer, EXPLAINERS, "explainer"),
+                              (sc.simulator, SIMULATORS, "simulator"),
+                              *((j, JUDGES, "judge") for j in names)):
+        if name not in known:
+            raise UserError(f"unknown {flag} {name!r}; have {sorted(known)}")
+    done = claim_stage(run_dir, "planted", pc, resume)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    subject = load_subject(rc.model, rc.device, rc.dtype)
+    planting = plant(subject, rc.hookpoints, concepts, pc.strength, pc.plant_seed)
+    spec = {"hookpoint": planting.hookpoint, "model": rc.model, "strength": pc.strength,
+            "units": {str(u): c.name for u, c in zip(planting.units, planting.concepts)}}
+    save_stage(run_dir, "planted", pc, complete=done, planting=spec)
+    if pc.interleave:
+        rc = dataclasses.replace(rc, corpus=interleave_corpus(rc.corpus, run_dir / "corpus.txt"))
+    record(rc, run_dir, resume, subject=subject)
+    planting.remove()
+    del subject
+    seconds["record"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    explain(dataclasses.replace(ec, units=",".join(map(str, planting.units))), run_dir, resume)
+    seconds["explain"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    score(sc, run_dir, resume)
+    seconds["score"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    judges = {j: JUDGES[j](concepts, ec) for j in names}
+    report = {"planting": spec, "explainer": ec.explainer, "simulator": sc.simulator,
+              **judge_run(run_dir, spec, concepts, judges)}
+    seconds["judge"] = round(time.perf_counter() - t0, 1)
+    report["seconds"] = seconds
+    report["llm_usage"] = {
+        stage: json.loads((run_dir / f"{stage}.json").read_text()).get("llm_usage", {})
+        for stage in ("explain", "score")} | {"judge": usage_of(*judges.values())}
+    save_stage(run_dir, "planted", pc, complete=True, **report)
+    atomic_write_text(run_dir / "planted.txt", format_table(report) + "\n")
+    return report
+
+
+def _cli(args: argparse.Namespace) -> None:
+    from .cli import config_from
+    from .explain import ExplainConfig
+    from .pipeline import ScoreConfig
+    from .record import RecordConfig
+
+    out = Path(args.out)
+    report = bench_planted(config_from(args, PlantedConfig), config_from(args, RecordConfig),
+                           config_from(args, ExplainConfig), config_from(args, ScoreConfig),
+                           out, args.resume)
+    print(format_table(report))
+    print(f"report: {out / 'planted.json'}  table: {out / 'planted.txt'}")
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    from .cli import add_config
+    from .explain import ExplainConfig
+    from .pipeline import ScoreConfig
+    from .record import RecordConfig
+
+    text = ("plant neurons of known function in one layer, run record -> explain -> score on "
+            "them and report concept recovery (--hookpoints is the planted layer; --units is "
+            "ignored: the planted units are explained)")
+    p = sub.add_parser("bench-planted", help=text, description=text)
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run in this folder, skipping finished work")
+    for cls in (PlantedConfig, RecordConfig, ExplainConfig, ScoreConfig):
+        add_config(p, cls)
+    p.set_defaults(func=_cli, corpus=DEFAULT_CORPUS, max_tokens=200_000)
