@@ -43,7 +43,9 @@ class LLMConfig:
     api_key_env: str = opt("OPENAI_API_KEY", "environment variable that holds the API key")
     concurrency: int = opt(4, "LLM requests in flight at once")
     retries: int = opt(5, "retries on 429, 5xx, timeouts and malformed replies")
-    timeout: float = opt(120.0, "seconds before a request is abandoned and retried")
+    timeout: float = opt(120.0, "seconds before a request is abandoned and retried (HTTP "
+                         "providers; in-process llamacpp and hf calls cannot be stopped, so "
+                         "they run to the end)")
     cache_dir: str = opt("", "response cache folder (default: ~/.cache/neuroscribe/llm)")
     n_ctx: int = opt(4096, "context size of a local llamacpp model")
     price_in: float = opt(0.0, "USD per million prompt tokens, for cost accounting")
@@ -146,6 +148,12 @@ class Client:
             self._sem, self._sem_loop = asyncio.Semaphore(self.cfg.concurrency), loop
         return self._sem
 
+    @property
+    def _timeout(self) -> float | None:
+        """No timeout for a backend whose calls run in a thread that cannot be stopped: an
+        abandoned call would go on holding the model, and its retry would queue behind it."""
+        return self.cfg.timeout if getattr(self.backend, "stoppable", True) else None
+
     async def complete(self, req: Request) -> Response:
         key = req.key(self.backend.name, self.backend.model)
         use = self.usage[req.stage or "default"]
@@ -160,7 +168,7 @@ class Client:
                 await self._sleep(delay + random.uniform(0, delay))
             try:
                 async with self._semaphore():
-                    resp = await asyncio.wait_for(self.backend.complete(req), self.cfg.timeout)
+                    resp = await asyncio.wait_for(self.backend.complete(req), self._timeout)
             except LLMError:
                 use.failed += 1
                 raise

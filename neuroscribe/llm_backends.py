@@ -88,6 +88,7 @@ class LlamaCppBackend:
     thread-safe); the event loop stays free while it runs in a worker thread."""
 
     name = "llamacpp"
+    stoppable = False  # a call in its worker thread runs to the end: the client sets no timeout
 
     def __init__(self, cfg: LLMConfig) -> None:
         try:
@@ -99,7 +100,7 @@ class LlamaCppBackend:
         self.model = cfg.llm_model
         self.llm = Llama(model_path=str(self.path), n_ctx=cfg.n_ctx, logits_all=True,
                          verbose=False, seed=0, n_threads=os.cpu_count())
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one call at a time, in a thread
 
     def _detok(self, i: int) -> str:
         return self.llm.detokenize([i]).decode("utf-8", errors="replace")
@@ -316,13 +317,14 @@ class HFBackend:
     """A local transformers causal LM (chat template when the tokenizer has one)."""
 
     name = "hf"
+    stoppable = False
 
     def __init__(self, cfg: LLMConfig) -> None:
         from .models import load_subject
 
         self.model = cfg.llm_model
         self.subject = load_subject(cfg.llm_model)
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one call at a time, in a thread
 
     def _run(self, req: Request) -> Response:
         import torch

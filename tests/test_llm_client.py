@@ -131,6 +131,21 @@ def test_gives_up_after_retries_plus_one_attempts_with_a_reason() -> None:
     assert (use.calls, use.retries, use.failed) == (0, 4, 1)
 
 
+def test_no_timeout_for_a_backend_whose_calls_cannot_be_stopped() -> None:
+    """An in-process model (llama.cpp, transformers) runs in a thread that a timeout cannot
+    stop: retrying would queue a second call behind the first, so the call runs to the end."""
+    fake = FakeBackend(delay=0.2)
+    fake.stoppable = False  # type: ignore[attr-defined]
+    client = Client(fake, cfg(timeout=0.02, retries=2), sleep=Sleeps())
+    resp = run(client.complete(Request(prompt="slow")))
+    assert resp.text.endswith("#1") and fake.calls == 1
+    assert client.usage["default"].retries == 0
+    stoppable = FakeBackend(delay=0.2)
+    with pytest.raises(LLMError, match="timed out"):
+        run(Client(stoppable, cfg(timeout=0.02, retries=0), sleep=Sleeps()).complete(
+            Request(prompt="slow")))
+
+
 def test_timeout_reason_is_named() -> None:
     client = Client(FakeBackend(script=["hang"] * 3), cfg(timeout=0.02, retries=1),
                     sleep=Sleeps())
