@@ -13,14 +13,8 @@ import pytest
 from neuroscribe import cli
 from neuroscribe.errors import UserError
 from neuroscribe.llm import LLMError, Request, Response
-from neuroscribe.planted import (
-    EmbeddingJudge,
-    PlantedConfig,
-    interleave_corpus,
-    llm_verdict,
-    load_concepts,
-    plant,
-)
+from neuroscribe.planted import PlantedConfig, interleave_corpus, load_concepts, plant
+from neuroscribe.planted_judge import EmbeddingJudge, llm_verdict
 
 HP = "transformer.h.0.mlp.act"
 CONCEPTS = {"concepts": [
