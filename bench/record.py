@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from machine import git_rev, loadavg
 
 from neuroscribe import record as rec_mod
 from neuroscribe.models import capture, load_subject, resolve_hookpoints, run_to_hooks
@@ -222,25 +222,7 @@ def machine() -> dict[str, Any]:
             "cpu_count": os.cpu_count(), "numpy": numpy.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "processor": platform.processor() or None,
-            "git": _git()}
-
-
-def _git() -> str | None:
-    """The commit of the working tree, with "+dirty" when it has uncommitted changes."""
-
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-
-    try:
-        return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--short") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _loadavg() -> list[float] | None:
-    """1, 5 and 15 minute load averages: other processes on the machine skew timings."""
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+            "git": git_rev()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -248,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    load_start = _loadavg()
+    load_start = loadavg()
     bench = Bench(args)
     with capture(bench.model, bench.hookpoints) as bench.store, torch.inference_mode():
         # Warm-up, untimed: first-call costs of the model and of the recorder.
@@ -272,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
                    "quantile_warmup": bench.cfg.quantile_warmup,
                    "n_hist_bins": bench.cfg.n_hist_bins},
         "machine": {**machine(), "model_load_seconds": round(bench.load_seconds, 2),
-                    "loadavg_start": load_start, "loadavg_end": _loadavg()},
+                    "loadavg_start": load_start, "loadavg_end": loadavg()},
         "results": summarise(bench, runs),
         "breakdown_seconds": parts,
         "raw": runs,

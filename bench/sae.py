@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from machine import git_rev, loadavg
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"fp32 matmul peak ({args.threads} threads) ...", file=sys.stderr)
     peak = matmul_gflops(2048, 2048, 2048, args.threads)
     enc = matmul_gflops(args.batch_size, d_in, args.n_latents, args.threads)
-    load_start = _loadavg()
+    load_start = loadavg()
     runs: dict[str, list[dict[str, Any]]] = {lib: [] for lib in libs}
     with tempfile.TemporaryDirectory() as tmp:
         spec_path = Path(tmp) / "spec.json"
@@ -367,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
             "encoder_matmul_shape": [args.batch_size, d_in, args.n_latents],
             "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "processor": platform.processor() or None,
-            "loadavg_start": load_start, "loadavg_end": _loadavg(), "git": _git(),
+            "loadavg_start": load_start, "loadavg_end": loadavg(), "git": git_rev(),
         },
         "flops_formula": FLOPS_FORMULA,
         "flops_per_step": flops_per_step,
@@ -384,21 +385,6 @@ def main(argv: list[str] | None = None) -> None:
           f"batch={args.batch_size} steps={args.steps}")
     print(table(results))
     print(f"wrote {args.out}", file=sys.stderr)
-
-
-def _git() -> str | None:
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], capture_output=True, text=True, check=True,
-                              cwd=ROOT).stdout.strip()
-
-    try:
-        return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--short") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _loadavg() -> list[float] | None:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 if __name__ == "__main__":

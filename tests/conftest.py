@@ -28,25 +28,33 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Path:
-    """A local transformers folder: 2-layer GPT-2 (d_model 32) and a byte-level BPE tokenizer."""
+def build_tiny_gpt2(out: Path, corpus: Path, extra_tokens: tuple[str, ...] = (),
+                    n_positions: int = 128) -> Path:
+    """Save a 2-layer GPT-2 (d_model 32) with a 300-token byte-level BPE trained on ``corpus``
+    (plus ``extra_tokens``, each kept as one token) into ``out``."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from tokenizers import decoders as dec
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    out = tmp_path_factory.mktemp("tiny-gpt2")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = dec.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train([str(corpus_file)], trainer)
+    tok.train([str(corpus)], trainer)
+    if extra_tokens:
+        tok.add_tokens(list(extra_tokens))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
     fast.save_pretrained(out)
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(fast), n_positions=128, n_embd=32, n_layer=2, n_head=2,
-                     n_inner=64)
+    cfg = GPT2Config(vocab_size=len(fast), n_positions=n_positions, n_embd=32, n_layer=2,
+                     n_head=2, n_inner=64)
     GPT2LMHeadModel(cfg).eval().save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Path:
+    """A local transformers folder: 2-layer GPT-2 (d_model 32) and a byte-level BPE tokenizer."""
+    return build_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), corpus_file)

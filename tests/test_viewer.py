@@ -55,25 +55,9 @@ def _corpus(path: Path) -> Path:
 
 def _tiny_model(out: Path, corpus: Path) -> Path:
     """A 2-layer GPT-2 whose tokenizer keeps each hostile string as one token."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from tokenizers import decoders as dec
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from conftest import build_tiny_gpt2
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = dec.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train([str(corpus)], trainer)
-    tok.add_tokens(list(HOSTILE))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    fast.save_pretrained(out)
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(fast), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                     n_inner=64)
-    GPT2LMHeadModel(cfg).eval().save_pretrained(out)
-    return out
+    return build_tiny_gpt2(out, corpus, HOSTILE, n_positions=64)
 
 
 def make_viewer_run(base: Path) -> Path:
