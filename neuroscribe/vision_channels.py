@@ -367,27 +367,14 @@ def filter_grid(weights: np.ndarray, sentences: list[str], scores: list[float | 
     """A PNG of the first-layer filters (grey = 0), each with its sentence and score."""
     import textwrap
 
-    import matplotlib
+    from .vision_data import figure_grid, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .runs import atomic_path
-
-    rows = math.ceil(len(weights) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), dpi=90,
-                             squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for c, (w, text, score) in enumerate(zip(weights, sentences, scores)):
-        ax = axes.ravel()[c]
+    fig, cells = figure_grid(len(weights), cols, 3.3)
+    for c, (ax, w, text, score) in enumerate(zip(cells, weights, sentences, scores)):
         img = 0.5 + w / (2 * max(float(np.abs(w).max()), 1e-9))
         ax.imshow(np.moveaxis(img, 0, -1) if img.shape[0] == 3 else img[0], cmap="gray",
                   interpolation="nearest", vmin=0, vmax=1)
         head = f"#{c}  score {score:.2f}" if score is not None else f"#{c}  score n/a"
         ax.set_title(head + "\n" + "\n".join(textwrap.wrap(text, 46)), fontsize=6.5,
                      loc="left")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)

@@ -292,3 +292,30 @@ def image_files(target: Path) -> list[Path]:
                             f"{', '.join(IMAGE_SUFFIXES)})")
         return files
     return [target]
+
+
+def figure_grid(n: int, cols: int, cell_height: float) -> tuple[Any, list[Any]]:
+    """A matplotlib figure of ``n`` image cells, ``cols`` wide, axes off: (figure, cells)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, cell_height * rows), dpi=90,
+                             squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    return fig, list(axes.ravel())[:n]
+
+
+def save_figure(fig: Any, path: Any) -> None:
+    """Write a figure as PNG atomically, then free it."""
+    import matplotlib.pyplot as plt
+
+    from .runs import atomic_path
+
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -273,23 +273,13 @@ def examples_figure(images: np.ndarray, truths: Sequence[dict[str, Any]],
     """A PNG of images with the verbalizer's sentence (green: exact, red: not) and the truth."""
     import textwrap
 
-    import matplotlib
+    from .vision_data import figure_grid, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = math.ceil(len(images) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), dpi=90,
-                             squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, img, t, p in zip(axes.ravel(), images, truths, preds):
+    fig, cells = figure_grid(len(images), cols, 3.4)
+    for ax, img, t, p in zip(cells, images, truths, preds):
         said, true = caption(p), caption(t)
         ax.imshow(np.moveaxis(img, 0, -1), interpolation="nearest")
         ax.set_title("said: " + "\n".join(textwrap.wrap(said, 44)) + "\ntruth: "
                      + "\n".join(textwrap.wrap(true, 44)), fontsize=6.5, loc="left",
                      color="#1b7f3b" if said == true else "#b22222")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)

@@ -317,3 +317,17 @@ def test_a_deeper_layer_of_a_cnn(tmp_path: Path) -> None:
     assert len(res["units"]) == 8 and all(u["explanation"] for u in res["units"])
     assert (tmp_path / "scores" / "conv2" / "7.scores.json").exists()
     assert not (tmp_path / "filters.png").exists()  # filters are drawn for the first layer only
+
+
+def test_filter_grid_writes_one_cell_per_filter(tmp_path: Path) -> None:
+    import matplotlib.image
+
+    from neuroscribe.vision_channels import filter_grid
+    from neuroscribe.vision_data import figure_grid
+
+    fig, cells = figure_grid(6, 4, 3.3)
+    assert len(cells) == 6 and len(fig.axes) == 8  # 2 rows x 4, the last two left blank
+    filter_grid(np.random.default_rng(0).normal(size=(6, 3, 5, 5)), ["edges"] * 6,
+                [0.5, None, 0.1, 0.2, 0.3, 0.4], tmp_path / "f.png")
+    # 2 rows of 3.3 in and 4 columns of 4.2 in at 90 dpi
+    assert matplotlib.image.imread(tmp_path / "f.png").shape[:2] == (594, 1512)
