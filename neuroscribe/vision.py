@@ -196,7 +196,7 @@ class VisionConfig:
                      "its untrained twin as control), package.module:attribute (an nn.Module "
                      "or a callable returning one) or a .pt file holding a pickled module")
     layer: str = opt("conv1", "module path of the conv layer whose channels are described")
-    threads: int = opt(1, "torch CPU threads")
+    threads: int = opt(0, "torch CPU threads (0: torch's default, every core)")
 
 
 def _channel_half(model: Any, name: str, layer: str, cfg: ChannelConfig,
@@ -254,7 +254,8 @@ def report(vc: VisionConfig, cnn_cfg: Any, verb_cfg: Any, ch_cfg: ChannelConfig,
     from .vision_cnn import activations, conv_layer, load_user_cnn, small_cnn, train_cnn
     from .vision_verbalize import evaluate_features, examples_figure, predict, verbalizer_data
 
-    torch.set_num_threads(vc.threads)
+    if vc.threads > 0:
+        torch.set_num_threads(vc.threads)
     t0 = time.perf_counter()
     user = None if vc.model == "small" else load_user_cnn(vc.model)
     conv_layer(user or small_cnn(cnn_cfg.width), vc.layer)  # a bad layer fails before training
@@ -270,7 +271,8 @@ def report(vc: VisionConfig, cnn_cfg: Any, verb_cfg: Any, ch_cfg: ChannelConfig,
     verb = {}
     for name, f in features.items():
         model, verb[name] = evaluate_features(name.split()[0], f, data, verb_cfg,
-                                              out / "verbalizer", cnn_cfg.seed)
+                                              out / "verbalizer", cnn_cfg.seed,
+                                              cnn_meta["config"] if "CNN" in name else None)
         if name == "trained CNN":  # 4 in-distribution, 8 held-out, 4 digits
             x = np.concatenate([data[k][0][:n] for k, n in (("test", 4), ("heldout", 8),
                                                             ("digits", 4))])
@@ -331,47 +333,10 @@ def format_report(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def default_run() -> Path:
-    return Path.home() / ".cache" / "neuroscribe" / "vision"
-
-
-def verbalize(target: Path, run: Path) -> list[tuple[Path, str, str]]:
-    """(file, sentence, note) for an image or every image of a folder, with the trained CNN
-    and verbalizer of ``run`` (trained there first, a few minutes, if missing)."""
-    import sys
-
-    import numpy as np
-    import torch
-
-    from .vision_cnn import CNNConfig, activations, train_cnn
-    from .vision_data import caption, image_files, load_image
-    from .vision_verbalize import (
-        VerbalizerConfig,
-        evaluate_features,
-        load_verbalizer,
-        predict,
-        verbalizer_data,
-    )
-
-    files = image_files(target)
-    loaded = [load_image(p) for p in files]
-    torch.set_num_threads(1)
-    cnn, _ = train_cnn(CNNConfig(), run / "cnn")
-    path = run / "verbalizer" / "verbalizer_trained.pt"
-    if path.exists():
-        model = load_verbalizer(path)
-    else:
-        print(f"training the verbalizer into {run} (once, a few minutes)", file=sys.stderr)
-        cfg = VerbalizerConfig()
-        model, _ = evaluate_features("trained", lambda x: activations(cnn, "conv1", x),
-                                     verbalizer_data(cfg), cfg, run / "verbalizer")
-    x = np.stack([a for a, _ in loaded])
-    preds = predict(model, activations(cnn, "conv1", x))
-    return [(p, caption(pred), note) for p, pred, (_, note) in zip(files, preds, loaded)]
-
-
 def _verbalize_cli(args: argparse.Namespace) -> None:
     import sys
+
+    from .vision_verbalize import default_run, verbalize
 
     rows = verbalize(Path(args.image), Path(args.run) if args.run else default_run())
     for path, sentence, note in rows:
@@ -396,7 +361,7 @@ def _report_cli(args: argparse.Namespace) -> None:
 def add_cli(sub: argparse._SubParsersAction) -> None:
     from .cli import add_config
     from .vision_cnn import CNNConfig
-    from .vision_verbalize import VerbalizerConfig
+    from .vision_verbalize import VerbalizerConfig, default_run
 
     p = sub.add_parser("vision", help="CNN first layers in words: verbalizer and channels",
                        description=__doc__)

@@ -31,11 +31,13 @@ class CNNConfig:
     """How to train the small subject CNN."""
 
     cnn_primitives: int = opt(6000, "procedural training images (plus the digits' train split)")
-    cnn_epochs: int = opt(12, "training epochs")
+    cnn_epochs: int = opt(40, "training epochs")
     cnn_batch: int = opt(64, "images per step")
     cnn_lr: float = opt(3e-3, "Adam learning rate")
     cnn_noise: float = opt(0.1, "std of the Gaussian pixel noise added to every training batch")
     cnn_weight_decay: float = opt(1e-4, "Adam weight decay")
+    cnn_grey: float = opt(0.5, "probability that a training image is shown in greyscale "
+                          "(luminance), so the first layer learns colour-free edges as well")
     width: int = opt(16, "channels of the first conv layer (later layers have 2x and 4x)")
     seed: int = opt(0, "seed of the data and of the initialisation")
 
@@ -96,6 +98,7 @@ def train_cnn(cfg: CNNConfig, out: Path) -> tuple[Any, dict[str, Any]]:
                             weight_decay=cfg.cnn_weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # Rec. 601 weights
     t0 = time.perf_counter()
     losses = []
     for _ in range(cfg.cnn_epochs):
@@ -103,7 +106,11 @@ def train_cnn(cfg: CNNConfig, out: Path) -> tuple[Any, dict[str, Any]]:
         perm = torch.randperm(len(xs), generator=gen)
         for i in range(0, len(xs), cfg.cnn_batch):
             idx = perm[i:i + cfg.cnn_batch]
-            xb = xs[idx] + cfg.cnn_noise * torch.randn(xs[idx].shape, generator=gen)
+            xb = xs[idx]
+            if cfg.cnn_grey > 0:
+                grey = torch.rand(len(idx), 1, 1, 1, generator=gen) < cfg.cnn_grey
+                xb = torch.where(grey, (xb * luma).sum(1, keepdim=True).expand_as(xb), xb)
+            xb = xb + cfg.cnn_noise * torch.randn(xb.shape, generator=gen)
             loss = torch.nn.functional.cross_entropy(model(xb), ys[idx])
             opt_.zero_grad()
             loss.backward()

@@ -1,10 +1,15 @@
 """The activation verbalizer: first-layer activation maps -> structured attributes -> a caption.
 
-A small conv encoder reads the maps (or, as a control, the raw pixels) and one linear head per
-attribute of ``vision_data.ATTRIBUTES`` predicts its value; a ninth head scores the 3 x 3 grid
-cells. The prediction is turned into a ground-truth-shaped dict (only the values the predicted
-shape allows; the ``count`` best cells) and captioned by the generator's own template.
-Metrics: per-attribute accuracy, exact-caption rate and corpus BLEU-4.
+The verbalizer is a probe, kept shallow on purpose (Hewitt and Liang's point about control
+tasks): one 3 x 3 conv over the maps (``depth`` 1; more layers on request), then, at every map
+position, linear heads for shape, colour, contrast, scale and orientation, averaged with a
+learned attention over positions, so an object is named the same wherever it is. Count, digit,
+stroke and slant read globally pooled features, and a 1 x 1 head scores the 3 x 3 grid cells.
+A deep verbalizer would learn to see by itself, and the untrained CNN's random maps would serve
+it nearly as well as the trained ones. Training zeroes random input channels (``channel_drop``)
+so no word leans on one channel. The prediction is turned into a ground-truth-shaped dict (only
+the values the predicted shape allows; the ``count`` best cells) and captioned by the
+generator's own template. Metrics: per-attribute accuracy, exact-caption rate, corpus BLEU-4.
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UserError
 from .runs import atomic_path, opt, write_json
 from .vision_data import ATTRIBUTES, N_CELLS, ORIENTED, SCALES, caption
 
 HEADLINE = ("shape", "position", "orientation", "count")
+LOCAL = ("shape", "colour", "contrast", "scale", "orientation")  # named where the object is
+LAYOUT = ("digit", "stroke", "slant")  # read from the maps' 4 x 4 layout
 
 
 @dataclass
@@ -33,39 +41,55 @@ class VerbalizerConfig:
                        "their train split)")
     n_test: int = opt(800, "in-distribution test primitives")
     n_heldout: int = opt(800, "test primitives with generator settings never seen in training")
-    verb_epochs: int = opt(8, "verbalizer training epochs")
+    verb_epochs: int = opt(16, "verbalizer training epochs")
     verb_batch: int = opt(64, "verbalizer images per step")
     verb_lr: float = opt(2e-3, "verbalizer Adam learning rate")
     hidden: int = opt(128, "verbalizer hidden width")
+    depth: int = opt(1, "conv layers of the verbalizer's encoder (1-3; deeper reads "
+                     "random maps nearly as well as trained ones)")
+    channel_drop: float = opt(0.3, "probability of zeroing each input channel of a training "
+                              "image")
     flip: bool = opt(True, "add mirror images of the training primitives (relabelled; those "
                      "that would show a held-out setting are dropped)")
 
 
-def build_verbalizer(in_channels: int, hidden: int = 128) -> Any:
-    """Conv encoder; attribute heads read its globally pooled features (so a shape is
-    recognised wherever it is), the cell head reads its map position by position."""
+def build_verbalizer(in_channels: int, hidden: int = 128, depth: int = 1) -> Any:
+    """A ``depth``-layer conv encoder (64 channels, the first at stride 2), per-position heads
+    for ``LOCAL`` pooled by attention, global heads for the rest, and a cell head."""
     import torch
     from torch import nn
+
+    width = 64
 
     class Verbalizer(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.register_buffer("mean", torch.zeros(in_channels, 1, 1))
             self.register_buffer("std", torch.ones(in_channels, 1, 1))
-            self.encoder = nn.Sequential(
-                nn.Conv2d(in_channels, 32, 3, stride=2, padding=1), nn.ReLU(),
-                nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-                nn.Conv2d(64, 64, 3, padding=1), nn.ReLU())
-            self.mlp = nn.Sequential(nn.Linear(128, hidden), nn.ReLU())
-            self.heads = nn.ModuleDict({k: nn.Linear(hidden, len(v))
-                                        for k, v in ATTRIBUTES.items()})
-            self.cells = nn.Conv2d(64, 1, 1)
+            layers: list[nn.Module] = []
+            for i in range(depth):
+                layers += [nn.Conv2d(in_channels if i == 0 else width, width, 3,
+                                     stride=2 if i < 2 else 1, padding=1), nn.ReLU()]
+            self.encoder = nn.Sequential(*layers)
+            self.mlp = nn.Sequential(nn.Linear(2 * width, hidden), nn.ReLU())
+            self.layout = nn.Sequential(nn.Linear(16 * width, hidden), nn.ReLU())
+            self.heads = nn.ModuleDict({k: nn.Linear(hidden, len(v)) for k, v in
+                                        ATTRIBUTES.items() if k not in LOCAL})
+            self.local = nn.Sequential(nn.Conv2d(width, hidden, 1), nn.ReLU())
+            self.local_heads = nn.ModuleDict({k: nn.Conv2d(hidden, len(ATTRIBUTES[k]), 1)
+                                              for k in LOCAL})
+            self.attention = nn.Conv2d(width, 1, 1)
+            self.cells = nn.Conv2d(width, 1, 1)
 
         def forward(self, x: Any) -> dict[str, Any]:
             fmap = self.encoder((x - self.mean) / self.std)
             h = self.mlp(torch.cat([fmap.mean(dim=(2, 3)), fmap.amax(dim=(2, 3))], 1))
-            cells = nn.functional.adaptive_max_pool2d(self.cells(fmap), 3).flatten(1)
-            return {"cells": cells, **{k: m(h) for k, m in self.heads.items()}}
+            lay = self.layout(nn.functional.adaptive_avg_pool2d(fmap, 4).flatten(1))
+            where = torch.softmax(self.attention(fmap).flatten(2), -1)  # [B, 1, positions]
+            local = self.local(fmap)
+            out = {k: (m(local).flatten(2) * where).sum(-1) for k, m in self.local_heads.items()}
+            out["cells"] = nn.functional.adaptive_max_pool2d(self.cells(fmap), 3).flatten(1)
+            return {**out, **{k: m(lay if k in LAYOUT else h) for k, m in self.heads.items()}}
 
     return Verbalizer()
 
@@ -87,7 +111,9 @@ def train_verbalizer(x: np.ndarray, truths: list[dict[str, Any]], cfg: Verbalize
     import torch.nn.functional as F
 
     torch.manual_seed(seed)
-    model = build_verbalizer(x.shape[1], cfg.hidden)
+    if not 1 <= cfg.depth <= 3:
+        raise UserError(f"--depth must be 1, 2 or 3, not {cfg.depth}")
+    model = build_verbalizer(x.shape[1], cfg.hidden, cfg.depth)
     model.mean.copy_(torch.from_numpy(x.mean(axis=(0, 2, 3))[:, None, None]))
     model.std.copy_(torch.from_numpy(x.std(axis=(0, 2, 3))[:, None, None] + 1e-6))
     tg = {k: torch.from_numpy(v) for k, v in targets(truths).items()}
@@ -101,7 +127,11 @@ def train_verbalizer(x: np.ndarray, truths: list[dict[str, Any]], cfg: Verbalize
         perm = torch.randperm(len(xs), generator=gen)
         for i in range(0, len(xs), cfg.verb_batch):
             idx = perm[i:i + cfg.verb_batch]
-            out = model(xs[idx])
+            xb = xs[idx]
+            if cfg.channel_drop > 0:
+                keep = torch.rand(len(idx), xb.shape[1], 1, 1, generator=gen) >= cfg.channel_drop
+                xb = xb * keep
+            out = model(xb)
             loss = F.binary_cross_entropy_with_logits(out["cells"], tg["cells"][idx])
             for k in ATTRIBUTES:
                 y = tg[k][idx]
@@ -200,15 +230,17 @@ def metrics(truths: Sequence[dict[str, Any]], preds: Sequence[dict[str, Any]]) -
 
 def evaluate_features(name: str, features: Callable[[np.ndarray], np.ndarray],
                       data: dict[str, tuple[np.ndarray, list[dict]]], cfg: VerbalizerConfig,
-                      out: Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+                      out: Path, seed: int = 0, subject: dict[str, Any] | None = None
+                      ) -> tuple[Any, dict[str, Any]]:
     """Train a verbalizer on ``features(train images)``; test it on every other set; save
-    ``out/verbalizer_<name>.pt`` and ``.json`` (config and metrics)."""
+    ``out/verbalizer_<name>.pt`` and ``.json`` (its config, the ``subject`` CNN's config and
+    the metrics)."""
     import torch
 
     t0 = time.perf_counter()
     x, truths = data["train"]
     model = train_verbalizer(features(x), truths, cfg, seed)
-    res: dict[str, Any] = {"features": name, "config": asdict(cfg),
+    res: dict[str, Any] = {"features": name, "config": asdict(cfg), "subject": subject,
                            "seconds": 0.0, "sets": {}}
     for split, (xs, ts) in data.items():
         if split != "train":
@@ -216,7 +248,7 @@ def evaluate_features(name: str, features: Callable[[np.ndarray], np.ndarray],
     res["seconds"] = round(time.perf_counter() - t0, 1)
     with atomic_path(out / f"verbalizer_{name}.pt") as tmp:
         torch.save({"state": model.state_dict(), "in_channels": int(model.mean.shape[0]),
-                    "hidden": cfg.hidden}, tmp)
+                    "hidden": cfg.hidden, "depth": cfg.depth}, tmp)
     write_json(out / f"verbalizer_{name}.json", res)
     return model, res
 
@@ -225,7 +257,10 @@ def load_verbalizer(path: Path) -> Any:
     import torch
 
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_verbalizer(blob["in_channels"], blob["hidden"])
+    if "depth" not in blob:
+        raise UserError(f"{path} was saved by an older neuroscribe with another verbalizer; "
+                        "delete it (or run `neuroscribe vision report` again) to retrain")
+    model = build_verbalizer(blob["in_channels"], blob["hidden"], blob["depth"])
     model.load_state_dict(blob["state"])
     return model.eval()
 
@@ -266,6 +301,38 @@ def verbalizer_data(cfg: VerbalizerConfig, seed: int = 0) -> dict[str, tuple[np.
             "heldout-colour": (hx[colour], [t for t, c in zip(ht, colour) if c]),
             "heldout-cell": (hx[~colour], [t for t, c in zip(ht, colour) if not c]),
             "digits": digits("test", seed)}
+
+
+def default_run() -> Path:
+    return Path.home() / ".cache" / "neuroscribe" / "vision"
+
+
+def verbalize(target: Path, run: Path) -> list[tuple[Path, str, str]]:
+    """(file, sentence, note) for an image or every image of a folder, with the trained CNN
+    and verbalizer of ``run`` (trained there first, a few minutes, if missing)."""
+    import json
+    import sys
+
+    from .vision_cnn import CNNConfig, activations, train_cnn
+    from .vision_data import image_files, load_image
+
+    files = image_files(target)
+    loaded = [load_image(p) for p in files]
+    cnn, meta = train_cnn(CNNConfig(), run / "cnn")
+    path = run / "verbalizer" / "verbalizer_trained.pt"
+    cfg = VerbalizerConfig()
+    made = path.with_suffix(".json")
+    if path.exists() and made.exists() and json.loads(made.read_text()).get("subject") == meta[
+            "config"]:
+        model = load_verbalizer(path)
+    else:  # none yet, or one made for another CNN
+        print(f"training the verbalizer into {run} (once, a few minutes)", file=sys.stderr)
+        model, _ = evaluate_features("trained", lambda x: activations(cnn, "conv1", x),
+                                     verbalizer_data(cfg), cfg, run / "verbalizer", 0,
+                                     meta["config"])
+    x = np.stack([a for a, _ in loaded])
+    preds = predict(model, activations(cnn, "conv1", x))
+    return [(p, caption(pred), note) for p, pred, (_, note) in zip(files, preds, loaded)]
 
 
 def examples_figure(images: np.ndarray, truths: Sequence[dict[str, Any]],

@@ -229,7 +229,7 @@ def test_verbalizer_round_trip_on_a_tiny_model(tmp_path: Path) -> None:
 
     torch.set_num_threads(1)
     cfg = VerbalizerConfig(n_train=600, n_test=80, n_heldout=40, verb_epochs=6, hidden=32,
-                           verb_lr=5e-3, flip=False)
+                           verb_lr=5e-3, flip=False, channel_drop=0.0)
     data = verbalizer_data(cfg)
     model, res = evaluate_features("pixels", lambda x: x, data, cfg, tmp_path)
     assert set(res["sets"]) == {"test", "heldout", "heldout-colour", "heldout-cell", "digits"}
@@ -239,6 +239,33 @@ def test_verbalizer_round_trip_on_a_tiny_model(tmp_path: Path) -> None:
     again = load_verbalizer(tmp_path / "verbalizer_pixels.pt")
     x = data["test"][0][:16]
     assert [caption(p) for p in predict(again, x)] == [caption(p) for p in predict(model, x)]
+
+
+def test_verbalizer_names_an_object_the_same_wherever_it_is() -> None:
+    from neuroscribe.vision_verbalize import LOCAL, build_verbalizer
+
+    torch.manual_seed(0)
+    model = build_verbalizer(4, hidden=16, depth=1).eval()
+    maps = torch.zeros(2, 4, 32, 32)
+    spot = torch.rand(4, 5, 5) + 0.5
+    maps[0, :, 6:11, 6:11] = spot  # the same object, 12 pixels (6 encoder steps) apart
+    maps[1, :, 18:23, 18:23] = spot
+    with torch.no_grad():
+        out = model(maps)
+    for name in LOCAL:
+        assert torch.allclose(out[name][0], out[name][1], atol=1e-5), name
+    assert not torch.allclose(out["cells"][0], out["cells"][1])  # the cells do move
+
+
+def test_verbalizer_refuses_bad_depth_and_old_files(tmp_path: Path) -> None:
+    from neuroscribe.vision_verbalize import VerbalizerConfig, load_verbalizer, train_verbalizer
+
+    x, truths = primitives(4, 0)
+    with pytest.raises(UserError, match="--depth must be 1, 2 or 3"):
+        train_verbalizer(x, truths, VerbalizerConfig(depth=4))
+    torch.save({"state": {}, "in_channels": 16, "hidden": 128}, tmp_path / "old.pt")
+    with pytest.raises(UserError, match="older neuroscribe"):
+        load_verbalizer(tmp_path / "old.pt")
 
 
 def test_channel_run_writes_text_unit_formats(tmp_path: Path) -> None:
