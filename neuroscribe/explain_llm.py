@@ -1,5 +1,6 @@
 """LLM explainers: ``openai`` (token<tab>activation prompt), ``highlight`` (delphi-style
-<<marked>> excerpts) and ``contrastive`` (highlight plus silent excerpts).
+<<marked>> excerpts), ``summary`` (highlight plus the marked tokens counted) and
+``contrastive`` (highlight plus silent excerpts).
 
 Each asks the LLM ``n_samples`` times (seeds 0..N-1), cleans every reply into one phrase
 (prefix, first line and sentence, trailing period) and drops unusable ones (empty, too long,
@@ -27,6 +28,7 @@ from .prompts import (
     highlight_explain_messages,
     load,
     openai_explain_messages,
+    summary_explain_messages,
 )
 from .score import max_activation, normalize_activations
 
@@ -193,6 +195,14 @@ class HighlightExplainer(LLMExplainer):
         return highlight_explain_messages(train, self.cfg.normalization, self.cfg.active_level)
 
 
+class SummaryExplainer(LLMExplainer):
+    """The highlight prompt plus the marked tokens counted, most frequent first."""
+
+    def messages(self, train: Sequence[ActivationRecord],
+                 background: Sequence[ActivationRecord]) -> Messages:
+        return summary_explain_messages(train, self.cfg.normalization, self.cfg.active_level)
+
+
 class ContrastiveExplainer(LLMExplainer):
     """The highlight prompt plus background records where the unit stays below the active
     level, labelled as excerpts where it does not fire."""
@@ -206,5 +216,6 @@ class ContrastiveExplainer(LLMExplainer):
 
 
 LLM_EXPLAINERS: dict[str, type] = {"openai": OpenAIExplainer, "highlight": HighlightExplainer,
+                                   "summary": SummaryExplainer,
                                    "contrastive": ContrastiveExplainer}
 EXPLAINERS.update(LLM_EXPLAINERS)

@@ -10,6 +10,7 @@ The few-shot examples are invented records written for this project (``examples.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -143,9 +144,20 @@ def highlight_text(record: ActivationRecord, max_act: float, normalization: str 
     return "".join(out)
 
 
+def marked_counts(records: Sequence[ActivationRecord], max_act: float, normalization: str,
+                  level: int) -> list[tuple[str, int]]:
+    """The tokens at normalised ``level`` or above (stripped), counted, most frequent first."""
+    counts: Counter[str] = Counter()
+    for r in records:
+        levels = normalize_activations(r.activations, max_act, normalization)
+        counts.update(tok.strip() for tok, lvl in zip(r.tokens, levels)
+                      if lvl >= max(1, level) and tok.strip())
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
 def _highlight_user(records: Sequence[ActivationRecord],
                     negatives: Sequence[ActivationRecord] | None, normalization: str,
-                    level: int, t: dict[str, Any]) -> str:
+                    level: int, t: dict[str, Any], counted: bool = False) -> str:
     top = max_activation(records)
     parts = [t["activating_header"]]
     parts += [t["example"].format(index=i + 1, text=highlight_text(r, top, normalization, level, t))
@@ -156,21 +168,28 @@ def _highlight_user(records: Sequence[ActivationRecord],
         parts += [t["example"].format(index=i + 1, text=highlight_text(r, top, normalization,
                                                                        silent, t))
                   for i, r in enumerate(negatives)]
+    if counted:
+        terms = marked_counts(records, top, normalization, level)[: t["max_counted"]]
+        parts += ["", t["counts"].format(terms=", ".join(
+            t["count_term"].format(token=tok.replace("\n", t["newline"]), count=n)
+            for tok, n in terms))]
     return "\n".join([*parts, "", t["ask"]])
 
 
 def _highlight_messages(records: Sequence[ActivationRecord],
                         negatives: Sequence[ActivationRecord] | None, normalization: str,
-                        level: int, examples: Sequence[FewShotNeuron] | None) -> Messages:
+                        level: int, examples: Sequence[FewShotNeuron] | None,
+                        counted: bool = False) -> Messages:
     t = load("highlight")
     contrastive = negatives is not None
-    system = t["system"] + (t["contrastive_system"] if contrastive else "")
+    system = (t["system"] + (t["contrastive_system"] if contrastive else "")
+              + (t["summary_system"] if counted else ""))
     msgs: list[Message] = [("system", system)]
     for ex in _examples(examples):
         msgs.append(("user", _highlight_user(ex.records, ex.negatives if contrastive else None,
-                                             normalization, level, t)))
+                                             normalization, level, t, counted)))
         msgs.append(("assistant", t["answer"].format(explanation=ex.explanation)))
-    msgs.append(("user", _highlight_user(records, negatives, normalization, level, t)))
+    msgs.append(("user", _highlight_user(records, negatives, normalization, level, t, counted)))
     return tuple(msgs)
 
 
@@ -179,6 +198,14 @@ def highlight_explain_messages(records: Sequence[ActivationRecord], normalizatio
                                examples: Sequence[FewShotNeuron] | None = None) -> Messages:
     """Delphi-style prompt: activating excerpts as text with <<marked>> tokens."""
     return _highlight_messages(records, None, normalization, level, examples)
+
+
+def summary_explain_messages(records: Sequence[ActivationRecord], normalization: str = "floor",
+                             level: int = 1,
+                             examples: Sequence[FewShotNeuron] | None = None) -> Messages:
+    """The highlight prompt plus the marked tokens counted, most frequent first (the token
+    statistics a small model misses when it reads the excerpts)."""
+    return _highlight_messages(records, None, normalization, level, examples, counted=True)
 
 
 def contrastive_explain_messages(records: Sequence[ActivationRecord],

@@ -174,8 +174,19 @@ def test_contrastive_explainer_shows_only_silent_background(tmp_path: Path) -> N
     assert c.backend.requests[0].messages == want
 
 
+def test_summary_explainer_sends_the_counted_prompt(tmp_path: Path) -> None:
+    cfg = ExplainConfig(explainer="summary", active_level=5)
+    c = client(tmp_path, text("Explanation: the word cat"))
+    got = asyncio.run(explain_mod.EXPLAINERS["summary"](cfg, c).explain(TRAIN, []))
+    assert got == ["the word cat"]
+    sent = c.backend.requests[0].messages
+    assert sent == prompts.summary_explain_messages(TRAIN, "floor", 5)
+    assert 'Marked tokens, most frequent first: "cat" x' in sent[-1][1]
+
+
 def test_llm_explainers_are_registered() -> None:
-    assert {"tokens", "openai", "highlight", "contrastive"} <= set(explain_mod.EXPLAINERS)
+    assert {"tokens", "openai", "highlight", "summary", "contrastive"} <= set(
+        explain_mod.EXPLAINERS)
     from neuroscribe.simulate import SIMULATORS
 
     assert {"tokens", "embedding", "openai", "json"} <= set(SIMULATORS)

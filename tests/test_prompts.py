@@ -80,6 +80,22 @@ def test_highlight_explain_messages() -> None:
     )
 
 
+def test_summary_explain_messages_count_the_marked_tokens() -> None:
+    target = [ActivationRecord(["The", " big", " cat", " sat", "\n"], [0.0, 5.0, 6.0, 0.0, 6.0]),
+              ActivationRecord([" cat", "!"], [6.0, 0.0])]
+    t = prompts.load("highlight")
+    assert prompts.summary_explain_messages(target, "floor", 5, [SHOT]) == (
+        ("system", t["system"] + t["summary_system"]),
+        ("user", "Excerpts where the neuron fires:\n1. a <<b>>\n"
+                 '\nMarked tokens, most frequent first: "b" x1\n\nWhat does the neuron find?'),
+        ("assistant", "Explanation: odd things"),
+        ("user", "Excerpts where the neuron fires:\n1. The <<big cat>> sat<<\\n>>\n"
+                 "2.  <<cat>>!\n"
+                 '\nMarked tokens, most frequent first: "cat" x2, "big" x1\n'
+                 "\nWhat does the neuron find?"),
+    )
+
+
 def test_contrastive_explain_messages() -> None:
     target = [ActivationRecord([" cat", "!"], [3.0, 0.0])]
     negatives = [ActivationRecord([" dog", " ran"], [0.0, 9.0])]  # shown as plain text
