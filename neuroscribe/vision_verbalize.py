@@ -47,7 +47,7 @@ class VerbalizerConfig:
     hidden: int = opt(128, "verbalizer hidden width")
     depth: int = opt(1, "conv layers of the verbalizer's encoder (1-3; deeper reads "
                      "random maps nearly as well as trained ones)")
-    channel_drop: float = opt(0.3, "probability of zeroing each input channel of a training "
+    channel_drop: float = opt(0.5, "probability of zeroing each input channel of a training "
                               "image")
     flip: bool = opt(True, "add mirror images of the training primitives (relabelled; those "
                      "that would show a held-out setting are dropped)")
@@ -322,10 +322,11 @@ def verbalize(target: Path, run: Path) -> list[tuple[Path, str, str]]:
     path = run / "verbalizer" / "verbalizer_trained.pt"
     cfg = VerbalizerConfig()
     made = path.with_suffix(".json")
-    if path.exists() and made.exists() and json.loads(made.read_text()).get("subject") == meta[
-            "config"]:
+    saved = json.loads(made.read_text()) if made.exists() else {}
+    if path.exists() and saved.get("subject") == meta["config"] and saved.get(
+            "config") == asdict(cfg):
         model = load_verbalizer(path)
-    else:  # none yet, or one made for another CNN
+    else:  # none yet, or one made for another CNN or with another config
         print(f"training the verbalizer into {run} (once, a few minutes)", file=sys.stderr)
         model, _ = evaluate_features("trained", lambda x: activations(cnn, "conv1", x),
                                      verbalizer_data(cfg), cfg, run / "verbalizer", 0,
