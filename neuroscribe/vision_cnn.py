@@ -81,6 +81,18 @@ def accuracy(model: Any, x: np.ndarray, y: np.ndarray, batch: int = 256) -> floa
     return float((pred == y).mean())
 
 
+def greyed(x: Any, p: float, gen: Any) -> Any:
+    """``x`` [N, 3, H, W] with each image, at probability ``p``, replaced by its luminance
+    (Rec. 601 weights) in all three channels."""
+    import torch
+
+    if p <= 0:
+        return x
+    luma = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(1, 3, 1, 1)
+    grey = torch.rand(len(x), 1, 1, 1, generator=gen) < p
+    return torch.where(grey, (x * luma).sum(1, keepdim=True).expand_as(x), x)
+
+
 def train_cnn(cfg: CNNConfig, out: Path) -> tuple[Any, dict[str, Any]]:
     """Train the small CNN; save ``out/cnn.pt`` (state dict) and ``out/cnn.json`` (config and
     metrics). Reuses a finished model trained with the same config."""
@@ -98,7 +110,6 @@ def train_cnn(cfg: CNNConfig, out: Path) -> tuple[Any, dict[str, Any]]:
                             weight_decay=cfg.cnn_weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
-    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # Rec. 601 weights
     t0 = time.perf_counter()
     losses = []
     for _ in range(cfg.cnn_epochs):
@@ -106,10 +117,7 @@ def train_cnn(cfg: CNNConfig, out: Path) -> tuple[Any, dict[str, Any]]:
         perm = torch.randperm(len(xs), generator=gen)
         for i in range(0, len(xs), cfg.cnn_batch):
             idx = perm[i:i + cfg.cnn_batch]
-            xb = xs[idx]
-            if cfg.cnn_grey > 0:
-                grey = torch.rand(len(idx), 1, 1, 1, generator=gen) < cfg.cnn_grey
-                xb = torch.where(grey, (xb * luma).sum(1, keepdim=True).expand_as(xb), xb)
+            xb = greyed(xs[idx], cfg.cnn_grey, gen)
             xb = xb + cfg.cnn_noise * torch.randn(xb.shape, generator=gen)
             loss = torch.nn.functional.cross_entropy(model(xb), ys[idx])
             opt_.zero_grad()

@@ -3,8 +3,9 @@
 The verbalizer is a probe, kept shallow on purpose (Hewitt and Liang's point about control
 tasks): one 3 x 3 conv over the maps (``depth`` 1; more layers on request), then, at every map
 position, linear heads for shape, colour, contrast, scale and orientation, averaged with a
-learned attention over positions, so an object is named the same wherever it is. Count, digit,
-stroke and slant read globally pooled features, and a 1 x 1 head scores the 3 x 3 grid cells.
+learned attention over positions, so an object is named the same wherever it is. Count reads
+globally pooled features, digit, stroke and slant the maps' 4 x 4 layout, and a 1 x 1 head
+scores the 3 x 3 grid cells.
 A deep verbalizer would learn to see by itself, and the untrained CNN's random maps would serve
 it nearly as well as the trained ones. Training zeroes random input channels (``channel_drop``)
 so no word leans on one channel. The prediction is turned into a ground-truth-shaped dict (only

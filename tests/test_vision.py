@@ -3,6 +3,7 @@ round trip, a channel run in the text units' formats, and bad input."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -266,6 +267,53 @@ def test_verbalizer_refuses_bad_depth_and_old_files(tmp_path: Path) -> None:
     torch.save({"state": {}, "in_channels": 16, "hidden": 128}, tmp_path / "old.pt")
     with pytest.raises(UserError, match="older neuroscribe"):
         load_verbalizer(tmp_path / "old.pt")
+
+
+def test_greyed_replaces_images_by_their_luminance() -> None:
+    from neuroscribe.vision_cnn import greyed
+
+    x = torch.zeros(2, 3, 1, 1)
+    x[:, :, 0, 0] = torch.tensor([1.0, 0.5, 0.0])
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(greyed(x, 0.0, gen), x)
+    grey = greyed(x, 1.0, gen)
+    assert torch.allclose(grey[:, :, 0, 0], torch.full((2, 3), 0.299 + 0.5 * 0.587))
+    half = greyed(torch.rand(2000, 3, 2, 2, generator=gen), 0.5, gen)
+    share = float((half[:, 0] == half[:, 1]).all(-1).all(-1).float().mean())
+    assert 0.45 < share < 0.55
+
+
+def test_verbalize_reuses_a_verbalizer_only_for_its_cnn_and_config(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import asdict
+
+    from neuroscribe import vision_cnn, vision_verbalize
+    from neuroscribe.vision_cnn import small_cnn
+
+    cnn_config = {"seed": 0}
+    monkeypatch.setattr(vision_cnn, "train_cnn", lambda cfg, out: (small_cnn().eval(),
+                                                                   {"config": cnn_config}))
+    monkeypatch.setattr(vision_verbalize, "verbalizer_data", lambda cfg: None)
+    trained: list[dict] = []
+
+    def fake_train(name, features, data, cfg, out, seed, subject):  # noqa: ANN001, ANN202
+        trained.append(dict(subject))
+        model = vision_verbalize.build_verbalizer(16, 8).eval()
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({"state": model.state_dict(), "in_channels": 16, "hidden": 8, "depth": 1},
+                   out / "verbalizer_trained.pt")
+        (out / "verbalizer_trained.json").write_text(json.dumps(
+            {"config": asdict(cfg), "subject": subject}))
+        return model, {}
+
+    monkeypatch.setattr(vision_verbalize, "evaluate_features", fake_train)
+    np.save(tmp_path / "img.npy", primitives(1, 0)[0][0])
+    first = vision_verbalize.verbalize(tmp_path / "img.npy", tmp_path / "run")
+    again = vision_verbalize.verbalize(tmp_path / "img.npy", tmp_path / "run")
+    assert len(trained) == 1 and first == again  # the saved one was loaded, not retrained
+    cnn_config["seed"] = 1  # another CNN in the folder: the verbalizer is retrained for it
+    vision_verbalize.verbalize(tmp_path / "img.npy", tmp_path / "run")
+    assert trained == [{"seed": 0}, {"seed": 1}]
 
 
 def test_channel_run_writes_text_unit_formats(tmp_path: Path) -> None:
