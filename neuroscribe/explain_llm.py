@@ -125,6 +125,8 @@ class LLMExplainer:
     """Sampling, cleaning and rejection shared by the LLM explainers; a subclass only builds
     the prompt."""
 
+    shots = "examples"  # the few-shot file its prompt shows, whose explanations it must not copy
+
     def __init__(self, cfg: ExplainConfig, client: Client | None = None) -> None:
         if cfg.n_samples < 1:
             raise UserError("--n-samples must be at least 1")
@@ -133,7 +135,7 @@ class LLMExplainer:
         self.cfg = cfg
         self.client = client if client is not None else make_client(cfg)
         self.rules = CleaningRules.load()
-        self.copies = tuple(n.explanation for n in few_shot_neurons())
+        self.copies = tuple(n.explanation for n in few_shot_neurons(self.shots))
 
     def messages(self, train: Sequence[ActivationRecord],
                  background: Sequence[ActivationRecord]) -> Messages:
@@ -196,7 +198,10 @@ class HighlightExplainer(LLMExplainer):
 
 
 class SummaryExplainer(LLMExplainer):
-    """The highlight prompt plus the marked tokens counted, most frequent first."""
+    """The highlight prompt plus the marked tokens counted, most frequent first, and facts
+    that hold for most of them; its few-shot neurons avoid the planted concepts."""
+
+    shots = "summary_examples"
 
     def messages(self, train: Sequence[ActivationRecord],
                  background: Sequence[ActivationRecord]) -> Messages:

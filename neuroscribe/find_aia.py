@@ -3,7 +3,8 @@ single-round baseline (random inputs, then one answer).
 
 Each round the LLM sees the task, every observation so far (the most recent ones when there
 are many) and the protocol, and replies ``CALL: [inputs]`` or ``FINAL`` with a description,
-the domain of unexpected behaviour and code. Replies that follow neither form, a final answer
+the domain of unexpected behaviour and code. A CALL of inputs that were all observed already
+is refused as no experiment. Replies that follow neither form, a final answer
 without code or with code that does not parse, and LLM errors end as failures with a reason.
 Prompts live in ``data/find/aia.json``.
 """
@@ -34,6 +35,10 @@ def _show_sentence(v: Any) -> str:
     if not isinstance(v, list):
         return str(v)
     return "".join(f"{t}({a:g})" if a else str(t) for t, a in v)
+
+
+def _key(x: Any) -> str:
+    return json.dumps(x)
 
 
 def observation(category: str, x: Any, y: Any) -> str:
@@ -80,9 +85,11 @@ def parse_interval(text: str) -> list[float] | None:
 
 def parse_final(text: str, category: str) -> Answer | None:
     """A ``FINAL`` reply as an Answer (its failure set when the code is missing or broken),
-    or None when the reply is not a final answer."""
+    or None when the reply is not a final answer. A reply without the ``FINAL`` line still
+    counts when it has a description and, where code is scored, code."""
     if not re.search(r"^\s*\**FINAL\b", text, re.M) and not (
-            "DESCRIPTION:" in text and ("CODE:" in text or "```" in text)):
+            "DESCRIPTION:" in text and ("CODE:" in text or "```" in text
+                                        or category not in CODE_CATEGORIES)):
         return None
     desc = re.search(r"DESCRIPTION:\s*(.+)", text)
     dom = re.search(r"DOMAIN:\s*(.+)", text)
@@ -131,16 +138,22 @@ class LLMAgent:
         self.min_rounds, self.seed = min(min_rounds, rounds), seed
         self.prompts = load_data("aia.json")
 
-    def _prompt(self, category: str, obs: list[str], rnd: int, last: bool, note: str) -> str:
+    def _prompt(self, category: str, obs: list[str], rnd: int, last: bool, note: str,
+                ranked: list[tuple[float, str]] | None = None) -> str:
         p = self.prompts
+        answer = p["answers"][category]
         form = p["explore_format"] if rnd <= self.min_rounds else p["format"]
         shown = obs[-MAX_OBSERVATIONS:]
         lines = ([f"({len(obs) - len(shown)} earlier observations not shown)"]
                  if len(obs) > len(shown) else []) + shown
+        if ranked and category in p["largest"]["categories"]:
+            best = sorted(ranked, key=lambda yl: -yl[0])[: p["largest"]["n"]]
+            lines += ["", p["largest"]["text"].format(items="; ".join(ln for _, ln in best))]
         text = p["last_turn" if last else "turn"].format(
             category=p["categories"][category],
             observations="\n".join(lines) or p["nothing_yet"], round=rnd,
-            rounds=self.rounds + 1, format=form.format(max_inputs=self.max_inputs))
+            rounds=self.rounds + 1, answer=answer,
+            format=form.format(max_inputs=self.max_inputs, answer=answer))
         return f"{note}\n{text}" if note else text
 
     async def _ask(self, prompt: str, rnd: int) -> str:
@@ -151,6 +164,15 @@ class LLMAgent:
 
     async def solve(self, box: BlackBox, category: str) -> Answer:
         obs: list[str] = []
+        seen: set[str] = set()  # inputs observed so far: a CALL of only these is no experiment
+        ranked: list[tuple[float, str]] = []  # (output, observation) where the output is a number
+
+        def observe(xs: list[Any]) -> None:
+            seen.update(map(_key, xs))
+            for x, y in zip(xs, box(xs)):
+                obs.append(observation(category, x, y))
+                if isinstance(y, (int, float)) and not isinstance(y, bool) and y == y:
+                    ranked.append((float(y), obs[-1]))
         calls, violations, note = 0, 0, ""
         transcript: list[str] = []
 
@@ -160,27 +182,27 @@ class LLMAgent:
 
         try:
             if self.n_random:
-                xs = random_inputs(category, random.Random(self.seed), self.n_random)
-                obs += [observation(category, x, y) for x, y in zip(xs, box(xs))]
+                observe(random_inputs(category, random.Random(self.seed), self.n_random))
             for rnd in range(1, self.rounds + 2):
                 last = rnd == self.rounds + 1
-                reply = await self._ask(self._prompt(category, obs, rnd, last, note), rnd)
+                reply = await self._ask(self._prompt(category, obs, rnd, last, note, ranked),
+                                        rnd)
                 calls += 1
                 transcript.append(reply[:600])
                 final = parse_final(reply, category) if rnd > self.min_rounds else None
                 if final is not None:
                     return done(final)
                 xs = None if last else parse_call(reply, category, self.max_inputs)
-                if xs is None:
+                if xs is None or not set(map(_key, xs)) - seen:
                     violations += 1
-                    note = self.prompts["not_understood"]
+                    note = self.prompts["not_understood" if xs is None else "repeated"]
                     if violations >= MAX_VIOLATIONS or last:
                         return done(Answer(failure=f"the LLM never answered the protocol "
                                            f"({violations} replies with neither a usable CALL "
                                            "nor FINAL)"))
                     continue
                 violations, note = 0, ""
-                obs += [observation(category, x, y) for x, y in zip(xs, box(xs))]
+                observe(xs)
         except FunctionFailure as e:
             return done(Answer(failure=str(e)))
         except Exception as e:  # noqa: BLE001 - an LLM or backend failure ends this function

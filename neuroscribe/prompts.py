@@ -4,12 +4,14 @@ Templates and few-shot examples are data (``neuroscribe/data/prompts/*.json``); 
 here are pure functions that fill them and return chat messages (a tuple of ``(role,
 content)`` pairs) or, for the all-at-once simulator, one raw completion prompt.
 
-The few-shot examples are invented records written for this project (``examples.json``).
+The few-shot examples are invented records written for this project (``examples.json``, and
+``summary_examples.json`` for the summary prompt, whose concepts avoid the planted ones).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,14 +50,17 @@ def _records(raw: list[dict[str, Any]]) -> tuple[ActivationRecord, ...]:
                                   activations=[float(a) for a in r["activations"]]) for r in raw)
 
 
-def few_shot_neurons() -> tuple[FewShotNeuron, ...]:
+def few_shot_neurons(name: str = "examples") -> tuple[FewShotNeuron, ...]:
+    """The invented neurons of ``data/prompts/{name}.json``: ``examples`` for the openai,
+    highlight and contrastive explainers, ``summary_examples`` for the summary explainer."""
     return tuple(FewShotNeuron(n["explanation"], _records(n["records"]),
                                _records(n.get("negatives", [])))
-                 for n in load("examples")["neurons"])
+                 for n in load(name)["neurons"])
 
 
-def _examples(examples: Sequence[FewShotNeuron] | None) -> Sequence[FewShotNeuron]:
-    return few_shot_neurons() if examples is None else examples
+def _examples(examples: Sequence[FewShotNeuron] | None,
+              name: str = "examples") -> Sequence[FewShotNeuron]:
+    return few_shot_neurons(name) if examples is None else examples
 
 
 # --- token<tab>activation blocks ---------------------------------------------------------------
@@ -155,6 +160,47 @@ def marked_counts(records: Sequence[ActivationRecord], max_act: float, normaliza
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
+def marked_facts(records: Sequence[ActivationRecord], max_act: float, normalization: str,
+                 level: int, t: dict[str, Any] | None = None) -> list[str]:
+    """Facts that hold for most tokens at normalised ``level`` or above and far less often
+    for the others: the token right before them, and their form (each regex of ``forms``; by
+    default a capital first letter). Thresholds and wording come from the ``facts`` entry of
+    the template."""
+    f = (load("highlight") if t is None else t)["facts"]
+    marked: list[tuple[str, str]] = []
+    other: list[tuple[str, str]] = []
+    for r in records:
+        levels = normalize_activations(r.activations, max_act, normalization)
+        prev = ""
+        for tok, lvl in zip(r.tokens, levels):
+            (marked if lvl >= max(1, level) else other).append((prev.strip().lower(), tok))
+            prev = tok
+
+    def holds(n: int, base: int) -> bool:
+        share = n / len(marked)
+        return (n >= f["min_count"] and share >= f["min_share"]
+                and share >= f["min_ratio"] * base / max(1, len(other)))
+
+    if not marked:
+        return []
+    facts: list[str] = []
+
+    def said(key: str, n: int, **kw: str) -> str:
+        key = f"{key}_all" if n == len(marked) else key
+        return f[key].format(n=n, total=len(marked), **kw)
+
+    before = Counter(p for p, _ in marked if p)
+    if before:
+        word, n = max(before.items(), key=lambda kv: (kv[1], kv[0]))
+        if holds(n, sum(p == word for p, _ in other)):
+            facts.append(said("previous", n, token=word.replace("\n", "\\n")))
+    for form, pattern in f["forms"].items():
+        n = sum(bool(re.search(pattern, tok)) for _, tok in marked)
+        if holds(n, sum(bool(re.search(pattern, tok)) for _, tok in other)):
+            facts.append(said("form", n, form=form))
+    return facts
+
+
 def _highlight_user(records: Sequence[ActivationRecord],
                     negatives: Sequence[ActivationRecord] | None, normalization: str,
                     level: int, t: dict[str, Any], counted: bool = False) -> str:
@@ -173,6 +219,7 @@ def _highlight_user(records: Sequence[ActivationRecord],
         parts += ["", t["counts"].format(terms=", ".join(
             t["count_term"].format(token=tok.replace("\n", t["newline"]), count=n)
             for tok, n in terms))]
+        parts += marked_facts(records, top, normalization, level, t)
     return "\n".join([*parts, "", t["ask"]])
 
 
@@ -185,7 +232,7 @@ def _highlight_messages(records: Sequence[ActivationRecord],
     system = (t["system"] + (t["contrastive_system"] if contrastive else "")
               + (t["summary_system"] if counted else ""))
     msgs: list[Message] = [("system", system)]
-    for ex in _examples(examples):
+    for ex in _examples(examples, "summary_examples" if counted else "examples"):
         msgs.append(("user", _highlight_user(ex.records, ex.negatives if contrastive else None,
                                              normalization, level, t, counted)))
         msgs.append(("assistant", t["answer"].format(explanation=ex.explanation)))

@@ -150,6 +150,17 @@ def test_aia_bad_final_answers_are_failures_with_reasons(reply: str, why: str) -
     assert ans.failure is not None and why in ans.failure
 
 
+def test_a_call_of_only_observed_inputs_is_refused_as_no_experiment() -> None:
+    ans, backend = solve_with(["CALL: [1, 2]", "CALL: [2.0, 1]", "CALL: [2, 3]", GOOD])
+    assert ans.failure is None and ans.llm_calls == 4
+    assert "already been observed" in backend.prompts[2]
+    assert "already been observed" not in backend.prompts[3]
+    assert "f(3) = 7" in backend.prompts[3] and backend.prompts[3].count("f(2) = 5") == 2
+    # Three such replies in a row end the function like any other protocol violation.
+    ans, _ = solve_with(["CALL: [1]", "CALL: [1]", "CALL: [1]", "CALL: [1]", GOOD])
+    assert ans.failure and "never answered the protocol" in ans.failure
+
+
 def test_an_llm_that_ignores_the_protocol_fails_and_stops() -> None:
     ans, backend = solve_with(["hello", "I think it is linear", "maybe"])
     assert ans.failure and "never answered the protocol" in ans.failure
@@ -176,6 +187,22 @@ def test_parsers() -> None:
     final = parse_final(GOOD, "string")
     assert final is not None and final.failure is None and "2 * x + 1" in final.code
     assert parse_final("CALL: [1]", "numeric") is None
+    # Without the FINAL line a description answers an entity or puzzle function (no code is
+    # scored there), but not a numeric or string one, which needs code too.
+    bare = "DESCRIPTION: words about the sea\nDOMAIN: none"
+    ent = parse_final(bare, "entity")
+    assert ent is not None and ent.failure is None and ent.description == "words about the sea"
+    assert parse_final(bare, "numeric") is None and parse_final(bare, "string") is None
+
+
+def test_answer_forms_ask_for_code_only_where_code_is_scored() -> None:
+    agent = LLMAgent(Client(Scripted([]), LLMConfig(retries=0)), "aia", rounds=2)
+    for category in ("numeric", "string", "entity", "puzzle"):
+        last = agent._prompt(category, [], 3, True, "")
+        assert last.count("DESCRIPTION:") == 1
+        assert ("def f(x)" in last) == (category in ("numeric", "string")), category
+        assert ("def f(x)" in agent._prompt(category, [], 2, False, "")) == (
+            category in ("numeric", "string"))
 
 
 def test_bad_functions_are_failures_and_the_benchmark_goes_on(tmp_path: Path) -> None:

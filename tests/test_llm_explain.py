@@ -184,6 +184,24 @@ def test_summary_explainer_sends_the_counted_prompt(tmp_path: Path) -> None:
     assert 'Marked tokens, most frequent first: "cat" x' in sent[-1][1]
 
 
+def test_each_explainer_refuses_copies_of_the_few_shot_set_it_shows(tmp_path: Path) -> None:
+    """The summary prompt shows its own few-shot neurons, so a reply that copies one of those is
+    refused; an explanation from the shared set is not a copy there."""
+    own = prompts.few_shot_neurons("summary_examples")[1].explanation
+    shared = prompts.few_shot_neurons()[2].explanation
+    cfg = ExplainConfig(explainer="summary")
+    with pytest.raises(ExplanationError, match="copies a few-shot explanation"):
+        asyncio.run(explain_mod.EXPLAINERS["summary"](
+            cfg, client(tmp_path / "a", text(f"Explanation: {own}"))).explain(TRAIN, []))
+    got = asyncio.run(explain_mod.EXPLAINERS["summary"](
+        cfg, client(tmp_path / "b", text(f"Explanation: {shared}"))).explain(TRAIN, []))
+    assert got == [shared]
+    with pytest.raises(ExplanationError, match="copies a few-shot explanation"):
+        asyncio.run(explain_mod.EXPLAINERS["highlight"](
+            ExplainConfig(explainer="highlight"),
+            client(tmp_path / "c", text(f"Explanation: {shared}"))).explain(TRAIN, []))
+
+
 def test_llm_explainers_are_registered() -> None:
     assert {"tokens", "openai", "highlight", "summary", "contrastive"} <= set(
         explain_mod.EXPLAINERS)

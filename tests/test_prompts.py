@@ -96,6 +96,68 @@ def test_summary_explain_messages_count_the_marked_tokens() -> None:
     )
 
 
+def test_marked_facts_name_the_previous_token_and_the_form_only_when_they_stand_out() -> None:
+    # Four marked tokens, all right after "the" and all capitalised; unmarked tokens rarely
+    # follow "the" or start with a capital letter.
+    recs = [ActivationRecord(["I", " saw", " the", " Owl", " and", " the", " Fox", " go"],
+                             [0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 6.0, 0.0]),
+            ActivationRecord([" then", " the", " Bear", " met", " the", " Deer", " here"],
+                             [0.0, 0.0, 6.0, 0.0, 0.0, 4.0, 0.0])]
+    assert prompts.marked_facts(recs, 6.0, "floor", 5) == [
+        'All 4 marked tokens come right after "the".',
+        "All 4 marked tokens start with a capital letter."]
+    # Four of five: the counted wording; below min_count (4) or min_share (0.7): nothing.
+    most = [ActivationRecord([" the", " owl", " the", " fox", " the", " elk", " the", " emu",
+                              " a", " yak"], [0.0, 6.0, 0.0, 6.0, 0.0, 6.0, 0.0, 6.0, 0.0, 6.0])]
+    assert prompts.marked_facts(most, 6.0, "floor", 5) == [
+        '4 of the 5 marked tokens come right after "the".']
+    assert prompts.marked_facts([recs[0]], 6.0, "floor", 5) == []
+    half = [ActivationRecord([" the", " Owl", " the", " Fox", " a", " Elk", " a", " Yak"],
+                             [0.0, 6.0, 0.0, 6.0, 0.0, 6.0, 0.0, 6.0])]
+    assert prompts.marked_facts(half, 6.0, "floor", 5) == ["All 4 marked tokens start with a "
+                                                          "capital letter."]
+    # A fact as common among the unmarked tokens (min_ratio 3) is not a fact about the unit.
+    plain = [ActivationRecord([" The", " Owl", " Fox", " Elk", " Yak", " Ant", " Bee"],
+                              [0.0, 6.0, 6.0, 6.0, 6.0, 0.0, 0.0])]
+    assert prompts.marked_facts(plain, 6.0, "floor", 5) == []
+    assert prompts.marked_facts([], 1.0, "floor", 1) == []
+
+
+def test_summary_prompt_adds_the_facts_after_the_counts() -> None:
+    recs = [ActivationRecord(["I", " saw", " the", " Owl", " and", " the", " Fox", " go"],
+                             [0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 6.0, 0.0]),
+            ActivationRecord([" then", " the", " Bear", " met", " the", " Deer", " here"],
+                             [0.0, 0.0, 6.0, 0.0, 0.0, 4.0, 0.0])]
+    msgs = prompts.summary_explain_messages(recs, "floor", 4, [])
+    assert msgs[-1][1].endswith(
+        '\nMarked tokens, most frequent first: "Bear" x1, "Deer" x1, "Fox" x1, "Owl" x1\n'
+        'All 4 marked tokens come right after "the".\n'
+        "All 4 marked tokens start with a capital letter.\n\nWhat does the neuron find?")
+    # The highlight prompt of the same records has neither counts nor facts.
+    assert "right after" not in prompts.highlight_explain_messages(recs, "floor", 4, [])[-1][1]
+
+
+def test_summary_few_shot_neurons_avoid_the_planted_concepts() -> None:
+    """The summary explainer is the one bench-planted reports, so its examples must not teach
+    a planted concept: no example marks a token that a planted concept's matcher accepts."""
+    from neuroscribe.planted import load_concepts
+
+    shots = prompts.few_shot_neurons("summary_examples")
+    assert len(shots) == 5
+    concepts = load_concepts()
+    for shot in shots:
+        for rec in shot.records:
+            hot = [act >= 0.5 * max(rec.activations) for act in rec.activations]
+            for c in concepts:
+                hits = [t for t, h, f in zip(rec.tokens, hot, c.fires(rec.tokens)) if h and f]
+                assert not hits, (shot.explanation, c.name, hits)
+    msgs = prompts.summary_explain_messages([ActivationRecord(["x"], [1.0])])
+    assert [m[1] for m in msgs if m[0] == "assistant"] == [
+        f"Explanation: {s.explanation}" for s in shots]
+    # The second example shows a fact line, so the prompt demonstrates one.
+    assert 'come right after "to"' in msgs[3][1]
+
+
 def test_contrastive_explain_messages() -> None:
     target = [ActivationRecord([" cat", "!"], [3.0, 0.0])]
     negatives = [ActivationRecord([" dog", " ran"], [0.0, 9.0])]  # shown as plain text
@@ -148,5 +210,6 @@ def test_default_few_shot_examples_are_well_formed() -> None:
     assert len(prompts.contrastive_explain_messages(target, [])) == 2 + 2 * len(shots)
     assert prompts.openai_simulate_prompt("e", ["x"]).count("\tunknown") == 1
     # Every template file is valid JSON with a description.
-    for name in ("common", "openai", "highlight", "json_simulate", "cleaning", "examples"):
+    for name in ("common", "openai", "highlight", "json_simulate", "cleaning", "examples",
+                 "summary_examples"):
         assert json.loads(json.dumps(prompts.load(name)))["description"]
