@@ -7,6 +7,7 @@ here; only the long system prose is taken from the template files.
 from __future__ import annotations
 
 import json
+from importlib import resources
 
 import pytest
 
@@ -139,12 +140,15 @@ def test_summary_prompt_adds_the_facts_after_the_counts() -> None:
 
 def test_summary_few_shot_neurons_avoid_the_planted_concepts() -> None:
     """The summary explainer is the one bench-planted reports, so its examples must not teach
-    a planted concept: no example marks a token that a planted concept's matcher accepts."""
+    a planted concept: no example marks a token that a planted concept's matcher accepts, in
+    the packaged concepts or in the held-out ones."""
     from neuroscribe.planted import load_concepts
 
     shots = prompts.few_shot_neurons("summary_examples")
     assert len(shots) == 5
-    concepts = load_concepts()
+    heldout = resources.files("neuroscribe").joinpath("data/planted/heldout_concepts.json")
+    concepts = load_concepts() + load_concepts(str(heldout))
+    assert len(concepts) == 40
     for shot in shots:
         for rec in shot.records:
             hot = [act >= 0.5 * max(rec.activations) for act in rec.activations]
