@@ -161,6 +161,20 @@ def test_a_call_of_only_observed_inputs_is_refused_as_no_experiment() -> None:
     assert ans.failure and "never answered the protocol" in ans.failure
 
 
+def test_entity_prompts_show_the_largest_outputs_so_far() -> None:
+    backend = Scripted(['CALL: ["aaaa", "b"]', "FINAL\nDESCRIPTION: long words\nDOMAIN: none"])
+    agent = LLMAgent(Client(backend, LLMConfig(retries=0)), "aia", rounds=3, n_random=0)
+    length = "def f(x):\n    return float(len(x))\n"
+    with Worker(SandboxConfig()) as w:
+        ans = asyncio.run(agent.solve(BlackBox(length, w), "entity"))
+    assert ans.failure is None and ans.description == "long words"
+    assert "Largest outputs" not in backend.prompts[0]  # nothing observed yet
+    assert 'Largest outputs so far: f("aaaa") = 4; f("b") = 1' in backend.prompts[1]
+    # Numeric prompts list observations only.
+    _, numeric = solve_with(["CALL: [1, 2]", GOOD])
+    assert "Largest outputs" not in numeric.prompts[1] and "f(2) = 5" in numeric.prompts[1]
+
+
 def test_an_llm_that_ignores_the_protocol_fails_and_stops() -> None:
     ans, backend = solve_with(["hello", "I think it is linear", "maybe"])
     assert ans.failure and "never answered the protocol" in ans.failure
