@@ -1,5 +1,6 @@
 """LLM explainers: ``openai`` (token<tab>activation prompt), ``highlight`` (delphi-style
-<<marked>> excerpts), ``summary`` (highlight plus the marked tokens counted) and
+<<marked>> excerpts), ``summary`` (highlight plus the marked tokens counted and facts about
+them) and
 ``contrastive`` (highlight plus silent excerpts).
 
 Each asks the LLM ``n_samples`` times (seeds 0..N-1), cleans every reply into one phrase
@@ -22,6 +23,7 @@ from .explain import EXPLAINERS, ExplainConfig, ExplanationError
 from .formats import ActivationRecord
 from .llm import Client, LLMError, Request, make_client
 from .prompts import (
+    SUMMARY_EXAMPLES,
     Messages,
     contrastive_explain_messages,
     few_shot_neurons,
@@ -201,7 +203,7 @@ class SummaryExplainer(LLMExplainer):
     """The highlight prompt plus the marked tokens counted, most frequent first, and facts
     that hold for most of them; its few-shot neurons avoid the planted concepts."""
 
-    shots = "summary_examples"
+    shots = SUMMARY_EXAMPLES
 
     def messages(self, train: Sequence[ActivationRecord],
                  background: Sequence[ActivationRecord]) -> Messages:

@@ -24,6 +24,7 @@ from .score import max_activation, normalize_activations
 
 Message = tuple[str, str]
 Messages = tuple[Message, ...]
+SUMMARY_EXAMPLES = "summary_examples"  # the summary prompt's few-shot file, apart from planted
 
 
 @cache
@@ -149,14 +150,25 @@ def highlight_text(record: ActivationRecord, max_act: float, normalization: str 
     return "".join(out)
 
 
+def _positions(records: Sequence[ActivationRecord], max_act: float, normalization: str,
+               level: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(previous token stripped and lower-cased, token) of every position, split into those at
+    normalised ``level`` or above (the ones ``highlight_text`` marks) and the others."""
+    marked: list[tuple[str, str]] = []
+    other: list[tuple[str, str]] = []
+    for r in records:
+        levels = normalize_activations(r.activations, max_act, normalization)
+        for i, (tok, lvl) in enumerate(zip(r.tokens, levels)):
+            prev = r.tokens[i - 1].strip().lower() if i else ""
+            (marked if lvl >= max(1, level) else other).append((prev, tok))
+    return marked, other
+
+
 def marked_counts(records: Sequence[ActivationRecord], max_act: float, normalization: str,
                   level: int) -> list[tuple[str, int]]:
     """The tokens at normalised ``level`` or above (stripped), counted, most frequent first."""
-    counts: Counter[str] = Counter()
-    for r in records:
-        levels = normalize_activations(r.activations, max_act, normalization)
-        counts.update(tok.strip() for tok, lvl in zip(r.tokens, levels)
-                      if lvl >= max(1, level) and tok.strip())
+    marked, _ = _positions(records, max_act, normalization, level)
+    counts = Counter(tok.strip() for _, tok in marked if tok.strip())
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
@@ -167,37 +179,27 @@ def marked_facts(records: Sequence[ActivationRecord], max_act: float, normalizat
     default a capital first letter). Thresholds and wording come from the ``facts`` entry of
     the template."""
     f = (load("highlight") if t is None else t)["facts"]
-    marked: list[tuple[str, str]] = []
-    other: list[tuple[str, str]] = []
-    for r in records:
-        levels = normalize_activations(r.activations, max_act, normalization)
-        prev = ""
-        for tok, lvl in zip(r.tokens, levels):
-            (marked if lvl >= max(1, level) else other).append((prev.strip().lower(), tok))
-            prev = tok
-
-    def holds(n: int, base: int) -> bool:
-        share = n / len(marked)
-        return (n >= f["min_count"] and share >= f["min_share"]
-                and share >= f["min_ratio"] * base / max(1, len(other)))
-
+    marked, other = _positions(records, max_act, normalization, level)
     if not marked:
         return []
-    facts: list[str] = []
 
-    def said(key: str, n: int, **kw: str) -> str:
+    def fact(key: str, n: int, base: int, **kw: str) -> list[str]:
+        """The fact's sentence when ``n`` marked and ``base`` unmarked tokens have it."""
+        share = n / len(marked)
+        if (n < f["min_count"] or share < f["min_share"]
+                or share < f["min_ratio"] * base / max(1, len(other))):
+            return []
         key = f"{key}_all" if n == len(marked) else key
-        return f[key].format(n=n, total=len(marked), **kw)
+        return [f[key].format(n=n, total=len(marked), **kw)]
 
+    facts: list[str] = []
     before = Counter(p for p, _ in marked if p)
     if before:
         word, n = max(before.items(), key=lambda kv: (kv[1], kv[0]))
-        if holds(n, sum(p == word for p, _ in other)):
-            facts.append(said("previous", n, token=word.replace("\n", "\\n")))
+        facts += fact("previous", n, sum(p == word for p, _ in other), token=word)
     for form, pattern in f["forms"].items():
-        n = sum(bool(re.search(pattern, tok)) for _, tok in marked)
-        if holds(n, sum(bool(re.search(pattern, tok)) for _, tok in other)):
-            facts.append(said("form", n, form=form))
+        facts += fact("form", sum(bool(re.search(pattern, tok)) for _, tok in marked),
+                      sum(bool(re.search(pattern, tok)) for _, tok in other), form=form)
     return facts
 
 
@@ -232,7 +234,7 @@ def _highlight_messages(records: Sequence[ActivationRecord],
     system = (t["system"] + (t["contrastive_system"] if contrastive else "")
               + (t["summary_system"] if counted else ""))
     msgs: list[Message] = [("system", system)]
-    for ex in _examples(examples, "summary_examples" if counted else "examples"):
+    for ex in _examples(examples, SUMMARY_EXAMPLES if counted else "examples"):
         msgs.append(("user", _highlight_user(ex.records, ex.negatives if contrastive else None,
                                              normalization, level, t, counted)))
         msgs.append(("assistant", t["answer"].format(explanation=ex.explanation)))
@@ -250,8 +252,9 @@ def highlight_explain_messages(records: Sequence[ActivationRecord], normalizatio
 def summary_explain_messages(records: Sequence[ActivationRecord], normalization: str = "floor",
                              level: int = 1,
                              examples: Sequence[FewShotNeuron] | None = None) -> Messages:
-    """The highlight prompt plus the marked tokens counted, most frequent first (the token
-    statistics a small model misses when it reads the excerpts)."""
+    """The highlight prompt plus the marked tokens counted, most frequent first, and the facts
+    of ``marked_facts`` (the token statistics a small model misses when it reads the
+    excerpts); its few-shot neurons come from ``SUMMARY_EXAMPLES``."""
     return _highlight_messages(records, None, normalization, level, examples, counted=True)
 
 
