@@ -4,8 +4,15 @@ single-round baseline (random inputs, then one answer).
 Each round the LLM sees the task, every observation so far (the most recent ones when there
 are many) and the protocol, and replies ``CALL: [inputs]`` or ``FINAL`` with a description,
 the domain of unexpected behaviour and code. A CALL of inputs that were all observed already
-is refused as no experiment. Replies that follow neither form, a final answer
-without code or with code that does not parse, and LLM errors end as failures with a reason.
+is refused as no experiment, and after two such CALLs in a row the next turn asks for the
+answer. Replies that follow neither form, a final answer without code or with code that does
+not parse, and LLM errors end as failures with a reason.
+
+For the categories listed under ``guesses`` in the prompts (entity neurons), the rounds where
+the AIA must experiment ask for one hypothesis at a time: a ``GUESS:`` (a category of the
+input with the largest output that no tested guess called for) and a CALL of its members.
+The mean output of the call's distinct inputs that were not observed before is kept with the
+guess, and later prompts list every tested guess, highest mean first, marked large or small.
 Prompts live in ``data/find/aia.json``.
 """
 
@@ -23,6 +30,7 @@ from .llm import Client, Request
 
 MAX_OBSERVATIONS = 60  # observation lines shown per prompt (the most recent ones)
 MAX_VIOLATIONS = 3  # consecutive replies with neither CALL nor FINAL before giving up
+MAX_REPEATS = 2  # consecutive CALLs of only observed inputs, after which the AIA must answer
 
 
 def _show(v: Any) -> str:
@@ -62,7 +70,9 @@ def parse_call(text: str, category: str, max_inputs: int) -> list[Any] | None:
         try:
             raw = ast.literal_eval(rest.splitlines()[0].strip())
         except (ValueError, SyntaxError, IndexError, MemoryError, RecursionError):
-            return None
+            raw = _cut_list(rest)
+            if raw is None:
+                return None
     if not isinstance(raw, (list, tuple)):
         raw = [raw]
     out = []
@@ -71,6 +81,16 @@ def parse_call(text: str, category: str, max_inputs: int) -> list[Any] | None:
             out.append(COERCE[category](v))
         except (TypeError, ValueError, OverflowError):
             continue
+    return out or None
+
+
+def _cut_list(text: str) -> list[Any] | None:
+    """The complete items of a JSON list that was cut off before its ``]`` (a reply that ran
+    out of tokens), or None when the text starts no list or holds no complete item."""
+    if not text.startswith("[") or "]" in text:
+        return None
+    items = re.findall(r'"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?=\s*,)', text[1:])
+    out = [json.loads(i) if i.startswith('"') else float(i) for i in items]
     return out or None
 
 
@@ -113,6 +133,34 @@ def parse_final(text: str, category: str) -> Answer | None:
     return ans
 
 
+def parse_guess(text: str) -> str | None:
+    m = re.search(r"GUESS:\s*(.+)", text)
+    guess = m.group(1).strip().strip("*\"'").strip() if m else ""
+    return guess[:120] or None
+
+
+def guess_lines(guesses: list[tuple[str, float, int]], largest: float,
+                p: dict[str, Any]) -> list[str]:
+    """Tested guesses as prompt lines, highest mean output first (one line per guess text,
+    its best test), each marked large when its mean is at least ``p["large"]`` times the
+    largest output observed."""
+    best: dict[str, tuple[float, int]] = {}
+    for g, mean, n in guesses:
+        if g.lower() not in best or mean > best[g.lower()][0]:
+            best[g.lower()] = (mean, n)
+    names = {g.lower(): g for g, _, _ in guesses}
+    return [p["line"].format(guess=names[k], mean=m, n=n,
+                             verdict=p["verdicts"][m > 0 and m >= p["large"] * largest])
+            for k, (m, n) in sorted(best.items(), key=lambda kv: -kv[1][0])]
+
+
+def next_to_explain(ranked: list[tuple[float, str, str]], tested: set[str]) -> str:
+    """The input with the largest output among those that no tested guess called for (all
+    inputs when every one was), as shown in the prompts."""
+    fresh = [r for r in ranked if r[2] not in tested] or ranked
+    return max(fresh)[2] if fresh else "none yet"
+
+
 def random_inputs(category: str, rng: random.Random, n: int) -> list[Any]:
     words = load_data("words.json")["random_words"]
     makers: dict[str, Callable[[], list[Any]]] = {
@@ -139,21 +187,28 @@ class LLMAgent:
         self.prompts = load_data("aia.json")
 
     def _prompt(self, category: str, obs: list[str], rnd: int, last: bool, note: str,
-                ranked: list[tuple[float, str]] | None = None) -> str:
+                ranked: list[tuple[float, str, str]] | None = None,
+                guesses: list[tuple[str, float, int]] | None = None,
+                tested: set[str] | None = None) -> str:
         p = self.prompts
         answer = p["answers"][category]
-        form = p["explore_format"] if rnd <= self.min_rounds else p["format"]
+        explore = p["explore_formats"].get(category, p["explore_formats"]["default"])
+        form = explore if rnd <= self.min_rounds else p["format"]
         shown = obs[-MAX_OBSERVATIONS:]
         lines = ([f"({len(obs) - len(shown)} earlier observations not shown)"]
                  if len(obs) > len(shown) else []) + shown
         if ranked and category in p["largest"]["categories"]:
             best = sorted(ranked, key=lambda yl: -yl[0])[: p["largest"]["n"]]
-            lines += ["", p["largest"]["text"].format(items="; ".join(ln for _, ln in best))]
+            lines += ["", p["largest"]["text"].format(items="; ".join(ln for _, ln, _ in best))]
+        if guesses and category in p["guesses"]["categories"]:
+            lines += ["", p["guesses"]["header"],
+                      *guess_lines(guesses, max(ranked or [(0.0, "", "")])[0], p["guesses"])]
         text = p["last_turn" if last else "turn"].format(
             category=p["categories"][category],
             observations="\n".join(lines) or p["nothing_yet"], round=rnd,
             rounds=self.rounds + 1, answer=answer,
-            format=form.format(max_inputs=self.max_inputs, answer=answer))
+            format=form.format(max_inputs=self.max_inputs, answer=answer,
+                               top=next_to_explain(ranked or [], tested or set())))
         return f"{note}\n{text}" if note else text
 
     async def _ask(self, prompt: str, rnd: int) -> str:
@@ -165,14 +220,22 @@ class LLMAgent:
     async def solve(self, box: BlackBox, category: str) -> Answer:
         obs: list[str] = []
         seen: set[str] = set()  # inputs observed so far: a CALL of only these is no experiment
-        ranked: list[tuple[float, str]] = []  # (output, observation) where the output is a number
+        ranked: list[tuple[float, str, str]] = []  # (output, observation, input), numeric outputs
+        guesses: list[tuple[str, float, int]] = []  # (guess, mean output of its inputs, n)
+        tested: set[str] = set()  # inputs called to test a guess, as shown
 
-        def observe(xs: list[Any]) -> None:
+        def observe(xs: list[Any]) -> dict[str, float]:
+            """Call f on xs; the numeric outputs of the distinct inputs not seen before."""
+            new = {_key(x) for x in xs} - seen
             seen.update(map(_key, xs))
+            fresh: dict[str, float] = {}
             for x, y in zip(xs, box(xs)):
                 obs.append(observation(category, x, y))
                 if isinstance(y, (int, float)) and not isinstance(y, bool) and y == y:
-                    ranked.append((float(y), obs[-1]))
+                    ranked.append((float(y), obs[-1], _show(x)))
+                    if _key(x) in new:
+                        fresh.setdefault(_key(x), float(y))
+            return fresh
         calls, violations, note = 0, 0, ""
         transcript: list[str] = []
 
@@ -183,26 +246,37 @@ class LLMAgent:
         try:
             if self.n_random:
                 observe(random_inputs(category, random.Random(self.seed), self.n_random))
-            for rnd in range(1, self.rounds + 2):
-                last = rnd == self.rounds + 1
-                reply = await self._ask(self._prompt(category, obs, rnd, last, note, ranked),
-                                        rnd)
+            repeats, rnd, last = 0, 0, False
+            while not last:
+                rnd += 1
+                last = rnd == self.rounds + 1 or repeats >= MAX_REPEATS
+                reply = await self._ask(
+                    self._prompt(category, obs, rnd, last, note, ranked, guesses, tested), rnd)
                 calls += 1
                 transcript.append(reply[:600])
-                final = parse_final(reply, category) if rnd > self.min_rounds else None
+                final = parse_final(reply, category) if rnd > self.min_rounds or last else None
                 if final is not None:
                     return done(final)
                 xs = None if last else parse_call(reply, category, self.max_inputs)
-                if xs is None or not set(map(_key, xs)) - seen:
+                if xs is not None and not set(map(_key, xs)) - seen:
+                    repeats += 1
+                    note = self.prompts["repeated" if repeats < MAX_REPEATS else "nothing_new"]
+                    continue
+                if xs is None:
                     violations += 1
-                    note = self.prompts["not_understood" if xs is None else "repeated"]
+                    note = self.prompts["not_understood"]
                     if violations >= MAX_VIOLATIONS or last:
                         return done(Answer(failure=f"the LLM never answered the protocol "
                                            f"({violations} replies with neither a usable CALL "
                                            "nor FINAL)"))
                     continue
+                repeats = 0
                 violations, note = 0, ""
-                observe(xs)
+                values = list(observe(xs).values())
+                guess = parse_guess(reply)
+                if guess and values:  # judged on the new, distinct inputs of its CALL
+                    guesses.append((guess, sum(values) / len(values), len(values)))
+                    tested.update(map(_show, xs))
         except FunctionFailure as e:
             return done(Answer(failure=str(e)))
         except Exception as e:  # noqa: BLE001 - an LLM or backend failure ends this function

@@ -17,7 +17,13 @@ from neuroscribe.find_agents import (
     search_strings,
     string_candidates,
 )
-from neuroscribe.find_aia import LLMAgent, parse_call, parse_final, parse_interval
+from neuroscribe.find_aia import (
+    LLMAgent,
+    next_to_explain,
+    parse_call,
+    parse_final,
+    parse_interval,
+)
 from neuroscribe.find_eval import Evaluator, FindConfig, interval_iou, nmse
 from neuroscribe.find_suite import (
     OPS,
@@ -156,9 +162,15 @@ def test_a_call_of_only_observed_inputs_is_refused_as_no_experiment() -> None:
     assert "already been observed" in backend.prompts[2]
     assert "already been observed" not in backend.prompts[3]
     assert "f(3) = 7" in backend.prompts[3] and backend.prompts[3].count("f(2) = 5") == 2
-    # Three such replies in a row end the function like any other protocol violation.
+    # After two such replies in a row the next turn asks for the answer, and takes it.
+    ans, backend = solve_with(["CALL: [1]", "CALL: [1]", "CALL: [1]", GOOD])
+    assert ans.failure is None and ans.llm_calls == 4
+    assert "nothing new to test" in backend.prompts[3]
+    assert "No more experiments" in backend.prompts[3]
+    assert "No more experiments" not in backend.prompts[2]
+    # A reply that is still a CALL there is a protocol failure.
     ans, _ = solve_with(["CALL: [1]", "CALL: [1]", "CALL: [1]", "CALL: [1]", GOOD])
-    assert ans.failure and "never answered the protocol" in ans.failure
+    assert ans.failure and "never answered the protocol" in ans.failure and ans.llm_calls == 4
 
 
 def test_entity_prompts_show_the_largest_outputs_so_far() -> None:
@@ -173,6 +185,36 @@ def test_entity_prompts_show_the_largest_outputs_so_far() -> None:
     # Numeric prompts list observations only.
     _, numeric = solve_with(["CALL: [1, 2]", GOOD])
     assert "Largest outputs" not in numeric.prompts[1] and "f(2) = 5" in numeric.prompts[1]
+
+
+def test_entity_guesses_are_tested_and_shown_with_their_mean_output() -> None:
+    backend = Scripted(['GUESS: long words\nCALL: ["aaaaaaaa", "bbbb"]',
+                        'GUESS: short words\nCALL: ["c", "dd", "c", "bbbb"]',
+                        "FINAL\nDESCRIPTION: long words\nDOMAIN: none"])
+    agent = LLMAgent(Client(backend, LLMConfig(retries=0)), "aia", rounds=4, n_random=0,
+                     min_rounds=2)
+    length = "def f(x):\n    return float(len(x))\n"
+    with Worker(SandboxConfig()) as w:
+        box = BlackBox(length, w)
+        observed = asyncio.run(agent.solve(box, "entity"))
+    assert observed.failure is None and observed.llm_calls == 3
+    assert "GUESS:" in backend.prompts[0] and "Guesses tested" not in backend.prompts[0]
+    assert "largest output is none yet" in backend.prompts[0]
+    # After the first test: the guess and its mean (6), large against the largest output (8).
+    assert "- long words: mean 6.00 over 2 new inputs (large)" in backend.prompts[1]
+    assert 'largest output is "aaaaaaaa"' in backend.prompts[1]  # every input was tested
+    third = backend.prompts[2]
+    assert third.index("- long words: mean 6.00") < third.index("- short words: mean 1.50")
+    # Only the call's distinct inputs not observed before count ("c" twice, "bbbb" seen).
+    assert "- short words: mean 1.50 over 2 new inputs (small)" in third
+
+
+def test_next_input_to_explain_skips_inputs_a_tested_guess_called_for() -> None:
+    ranked = [(9.0, "", '"tennis"'), (5.0, "", '"snow"'), (1.0, "", '"cup"')]
+    assert next_to_explain(ranked, set()) == '"tennis"'
+    assert next_to_explain(ranked, {'"tennis"'}) == '"snow"'
+    assert next_to_explain(ranked, {'"tennis"', '"snow"', '"cup"'}) == '"tennis"'
+    assert next_to_explain([], set()) == "none yet"
 
 
 def test_an_llm_that_ignores_the_protocol_fails_and_stops() -> None:
@@ -195,6 +237,10 @@ def test_parsers() -> None:
     assert parse_call('CALL: [1, "2", 3.5] thanks', "numeric", 10) == [1.0, 2.0, 3.5]
     assert parse_call("CALL: ['ab', 'c']", "string", 1) == ["ab"]
     assert parse_call("no call here", "numeric", 10) is None
+    # A list cut off by the token limit keeps its complete items.
+    assert parse_call('CALL: ["saw", "drill", "chis', "entity", 40) == ["saw", "drill"]
+    assert parse_call("CALL: [1, 2.5, 3", "numeric", 40) == [1.0, 2.5]
+    assert parse_call('CALL: ["saw', "entity", 40) is None
     assert parse_interval("[-10, 5.5]") == [-10.0, 5.5]
     assert parse_interval("x < -90") == [-128.0, -90.0]
     assert parse_interval("none") is None
