@@ -223,6 +223,7 @@ class LLMAgent:
         ranked: list[tuple[float, str, str]] = []  # (output, observation, input), numeric outputs
         guesses: list[tuple[str, float, int]] = []  # (guess, mean output of its inputs, n)
         tested: set[str] = set()  # inputs called to test a guess, as shown
+        track = category in self.prompts["guesses"]["categories"]  # keep guesses only there
 
         def observe(xs: list[Any]) -> dict[str, float]:
             """Call f on xs; the numeric outputs of the distinct inputs not seen before."""
@@ -273,7 +274,7 @@ class LLMAgent:
                 repeats = 0
                 violations, note = 0, ""
                 values = list(observe(xs).values())
-                guess = parse_guess(reply)
+                guess = parse_guess(reply) if track else None
                 if guess and values:  # judged on the new, distinct inputs of its CALL
                     guesses.append((guess, sum(values) / len(values), len(values)))
                     tested.update(map(_show, xs))

@@ -207,6 +207,9 @@ def test_entity_guesses_are_tested_and_shown_with_their_mean_output() -> None:
     assert third.index("- long words: mean 6.00") < third.index("- short words: mean 1.50")
     # Only the call's distinct inputs not observed before count ("c" twice, "bbbb" seen).
     assert "- short words: mean 1.50 over 2 new inputs (small)" in third
+    # Numeric functions keep no guesses: their prompts list observations only.
+    _, numeric = solve_with(["GUESS: a line\nCALL: [1, 2]", "CALL: [3]", GOOD])
+    assert "f(2) = 5" in numeric.prompts[1] and "Guesses tested" not in numeric.prompts[2]
 
 
 def test_next_input_to_explain_skips_inputs_a_tested_guess_called_for() -> None:
