@@ -13,7 +13,10 @@ the AIA must experiment ask for one hypothesis at a time: a ``GUESS:`` (a catego
 input with the largest output that no tested guess called for) and a CALL of its members.
 The mean output of the call's distinct inputs that were not observed before is kept with the
 guess, and later prompts list every tested guess, highest mean first, marked large or small.
-Prompts live in ``data/find/aia.json``.
+For the categories listed under ``fit`` (numeric), the AIA also has a least squares tool:
+``FIT: <model>`` fits a model of the op grammar to every observation so far and shows its
+formula and error, and a final ``CODE: FIT <n>`` takes the code (and the corrupted interval)
+of fit n (``find_tools``). Prompts live in ``data/find/aia.json``.
 """
 
 from __future__ import annotations
@@ -23,9 +26,19 @@ import json
 import random
 import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from .find_agents import CODE_CATEGORIES, Answer, BlackBox, FunctionFailure, load_data
+from .find_tools import (
+    ModelFit,
+    family_ranking,
+    fit_lines,
+    model_name,
+    parse_fit,
+    run_fit,
+    use_fit,
+)
 from .llm import Client, Request
 
 MAX_OBSERVATIONS = 60  # observation lines shown per prompt (the most recent ones)
@@ -64,6 +77,8 @@ def parse_call(text: str, category: str, max_inputs: int) -> list[Any] | None:
     if not m:
         return None
     rest = text[m.end():].strip()
+    if category == "numeric" and (grid := _expand_ellipsis(rest, max_inputs)) is not None:
+        return grid
     try:
         raw, _ = json.JSONDecoder().raw_decode(rest)
     except ValueError:
@@ -82,6 +97,27 @@ def parse_call(text: str, category: str, max_inputs: int) -> list[Any] | None:
         except (TypeError, ValueError, OverflowError):
             continue
     return out or None
+
+
+def _expand_ellipsis(text: str, max_inputs: int) -> list[Any] | None:
+    """A numeric list written with an ellipsis, ``[a, b, ..., c]`` (evenly spaced from a in
+    steps of b - a, up to c), as its first ``max_inputs`` numbers; None for any other text."""
+    m = re.match(r"\[([^\]]*?)(?:\.\.\.|…)([^\]]*)\]", text)
+    if not m:
+        return None
+    try:
+        head = [float(v) for v in m.group(1).split(",") if v.strip()]
+        tail = [float(v) for v in m.group(2).split(",") if v.strip()]
+    except ValueError:
+        return None
+    if len(head) < 2 or len(tail) != 1 or head[1] == head[0]:
+        return None
+    step, out = head[1] - head[0], head[:1]
+    if (tail[0] - head[0]) / step < 0:
+        return None
+    while len(out) < max_inputs and (out[-1] + step - tail[0]) * step <= 1e-9:
+        out.append(round(out[-1] + step, 10))
+    return out
 
 
 def _cut_list(text: str) -> list[Any] | None:
@@ -172,6 +208,47 @@ def random_inputs(category: str, rng: random.Random, n: int) -> list[Any]:
     return makers[category]()
 
 
+@dataclass
+class Notebook:
+    """What the agent has observed and tested so far on one function."""
+
+    obs: list[str] = field(default_factory=list)  # observation lines, in call order
+    seen: set[str] = field(default_factory=set)  # inputs observed: a CALL of only these is none
+    ranked: list[tuple[float, str, str]] = field(default_factory=list)  # (y, line, input shown)
+    guesses: list[tuple[str, float, int]] = field(default_factory=list)  # (guess, mean, n)
+    tested: set[str] = field(default_factory=set)  # inputs called to test a guess, as shown
+    points: dict[float, tuple[float, str]] = field(default_factory=dict)  # numeric x: (y, line)
+    fits: list[ModelFit] = field(default_factory=list)
+
+    def observe(self, box: BlackBox, category: str, xs: list[Any]) -> dict[str, float]:
+        """Calls f on xs; the numeric outputs of the distinct inputs not seen before."""
+        new = {_key(x) for x in xs} - self.seen
+        self.seen.update(map(_key, xs))
+        fresh: dict[str, float] = {}
+        for x, y in zip(xs, box(xs)):
+            self.obs.append(observation(category, x, y))
+            if isinstance(y, (int, float)) and not isinstance(y, bool) and y == y:
+                self.ranked.append((float(y), self.obs[-1], _show(x)))
+                if isinstance(x, (int, float)):
+                    self.points[float(x)] = (float(y), self.obs[-1])
+                if _key(x) in new:
+                    fresh.setdefault(_key(x), float(y))
+        return fresh
+
+    def shown(self, by_x: bool) -> list[str]:
+        """The observation lines of a prompt: the most recent ones, or (``by_x``, numeric
+        inputs) evenly spread over the inputs observed, in order of x."""
+        if by_x and self.points:
+            lines = [ln for _, (_, ln) in sorted(self.points.items())]
+            step = max(1.0, len(lines) / MAX_OBSERVATIONS)
+            picked = [lines[int(i * step)] for i in range(min(len(lines), MAX_OBSERVATIONS))]
+            return ([f"({len(lines)} observations, {len(picked)} shown, in order of x)"]
+                    if len(picked) < len(lines) else []) + picked
+        shown = self.obs[-MAX_OBSERVATIONS:]
+        return ([f"({len(self.obs) - len(shown)} earlier observations not shown)"]
+                if len(self.obs) > len(shown) else []) + shown
+
+
 class LLMAgent:
     """The AIA (``rounds`` > 0) or the single-round baseline (``rounds`` = 0).
 
@@ -180,36 +257,71 @@ class LLMAgent:
 
     def __init__(self, client: Client, name: str, rounds: int = 20, max_inputs: int = 40,
                  n_random: int = 20, min_rounds: int = 1, max_tokens: int = 350,
-                 seed: int = 0) -> None:
+                 seed: int = 0, tools: str = "fit") -> None:
         self.client, self.name, self.rounds = client, name, rounds
         self.max_inputs, self.n_random, self.max_tokens = max_inputs, n_random, max_tokens
         self.min_rounds, self.seed = min(min_rounds, rounds), seed
+        self.tools = [t for t in tools.split(",") if t]
         self.prompts = load_data("aia.json")
 
-    def _prompt(self, category: str, obs: list[str], rnd: int, last: bool, note: str,
-                ranked: list[tuple[float, str, str]] | None = None,
-                guesses: list[tuple[str, float, int]] | None = None,
-                tested: set[str] | None = None) -> str:
+    def _form(self, category: str, book: Notebook, rnd: int) -> str:
+        """The reply form of this round: explore (one hypothesis) or free (CALL or answer)."""
         p = self.prompts
-        answer = p["answers"][category]
+        if self._tools(category):
+            few = len(book.seen) < p["fit"]["min_points"]
+            return (p["fit"]["explore_call" if few else "explore"] if rnd <= self.min_rounds
+                    else p["fit"]["format"])
         explore = p["explore_formats"].get(category, p["explore_formats"]["default"])
-        form = explore if rnd <= self.min_rounds else p["format"]
-        shown = obs[-MAX_OBSERVATIONS:]
-        lines = ([f"({len(obs) - len(shown)} earlier observations not shown)"]
-                 if len(obs) > len(shown) else []) + shown
-        if ranked and category in p["largest"]["categories"]:
-            best = sorted(ranked, key=lambda yl: -yl[0])[: p["largest"]["n"]]
+        return explore if rnd <= self.min_rounds else p["format"]
+
+    def _prompt(self, category: str, book: Notebook, rnd: int, last: bool, note: str) -> str:
+        p = self.prompts
+        tools = self._tools(category)
+        answer = p["fit"]["answer"] if tools and book.fits else p["answers"][category]
+        lines = book.shown(by_x=tools)
+        if book.ranked and category in p["largest"]["categories"]:
+            best = sorted(book.ranked, key=lambda yl: -yl[0])[: p["largest"]["n"]]
             lines += ["", p["largest"]["text"].format(items="; ".join(ln for _, ln, _ in best))]
-        if guesses and category in p["guesses"]["categories"]:
-            lines += ["", p["guesses"]["header"],
-                      *guess_lines(guesses, max(ranked or [(0.0, "", "")])[0], p["guesses"])]
+        if book.guesses and category in p["guesses"]["categories"]:
+            largest = max(book.ranked or [(0.0, "", "")])[0]
+            lines += ["", p["guesses"]["header"], *guess_lines(book.guesses, largest,
+                                                                p["guesses"])]
+        if tools and len(book.seen) >= p["fit"]["min_points"]:
+            points = [(x, y) for x, (y, _) in book.points.items()]
+            lines += ["", family_ranking(points, p["fit"])]
+        if book.fits and tools:
+            lines += ["", *fit_lines(book.fits, p["fit"])]
         text = p["last_turn" if last else "turn"].format(
             category=p["categories"][category],
             observations="\n".join(lines) or p["nothing_yet"], round=rnd,
             rounds=self.rounds + 1, answer=answer,
-            format=form.format(max_inputs=self.max_inputs, answer=answer,
-                               top=next_to_explain(ranked or [], tested or set())))
+            format=self._form(category, book, rnd).format(
+                max_inputs=self.max_inputs, answer=answer,
+                families=", ".join(p["fit"]["families"]),
+                top=next_to_explain(book.ranked, book.tested)))
         return f"{note}\n{text}" if note else text
+
+    def _tools(self, category: str) -> bool:
+        """Whether the AIA (not the single-round baseline) has the FIT tool here."""
+        return (self.rounds > 0 and "fit" in self.tools
+                and category in self.prompts["fit"]["categories"])
+
+    def _fit(self, reply: str, book: Notebook) -> str | None:
+        """Runs the reply's FIT, if any: None when there is none, else the note for the next
+        prompt ("" when the fit was made)."""
+        spec = parse_fit(reply, self.prompts["fit"]["aliases"])
+        if spec is None:
+            return None
+        fp = self.prompts["fit"]
+        if isinstance(spec, tuple) and (name := model_name(*spec, fp["names"])) in {
+                f.spec for f in book.fits}:
+            return fp["again"].format(model=name)
+        points = [(x, y) for x, (y, _) in book.points.items()]
+        made = run_fit(points, *spec, fp["names"]) if isinstance(spec, tuple) else spec
+        if isinstance(made, str):
+            return self.prompts["fit"]["bad"].format(reason=made)
+        book.fits.append(made)
+        return ""
 
     async def _ask(self, prompt: str, rnd: int) -> str:
         req = Request(messages=(("system", self.prompts["system"]), ("user", prompt)),
@@ -218,25 +330,9 @@ class LLMAgent:
         return (await self.client.complete(req)).text
 
     async def solve(self, box: BlackBox, category: str) -> Answer:
-        obs: list[str] = []
-        seen: set[str] = set()  # inputs observed so far: a CALL of only these is no experiment
-        ranked: list[tuple[float, str, str]] = []  # (output, observation, input), numeric outputs
-        guesses: list[tuple[str, float, int]] = []  # (guess, mean output of its inputs, n)
-        tested: set[str] = set()  # inputs called to test a guess, as shown
+        book = Notebook()
         track = category in self.prompts["guesses"]["categories"]  # keep guesses only there
-
-        def observe(xs: list[Any]) -> dict[str, float]:
-            """Call f on xs; the numeric outputs of the distinct inputs not seen before."""
-            new = {_key(x) for x in xs} - seen
-            seen.update(map(_key, xs))
-            fresh: dict[str, float] = {}
-            for x, y in zip(xs, box(xs)):
-                obs.append(observation(category, x, y))
-                if isinstance(y, (int, float)) and not isinstance(y, bool) and y == y:
-                    ranked.append((float(y), obs[-1], _show(x)))
-                    if _key(x) in new:
-                        fresh.setdefault(_key(x), float(y))
-            return fresh
+        tools = self._tools(category)
         calls, violations, note = 0, 0, ""
         transcript: list[str] = []
 
@@ -246,20 +342,31 @@ class LLMAgent:
 
         try:
             if self.n_random:
-                observe(random_inputs(category, random.Random(self.seed), self.n_random))
+                book.observe(box, category,
+                             random_inputs(category, random.Random(self.seed), self.n_random))
             repeats, rnd, last = 0, 0, False
             while not last:
                 rnd += 1
                 last = rnd == self.rounds + 1 or repeats >= MAX_REPEATS
-                reply = await self._ask(
-                    self._prompt(category, obs, rnd, last, note, ranked, guesses, tested), rnd)
+                reply = await self._ask(self._prompt(category, book, rnd, last, note), rnd)
                 calls += 1
                 transcript.append(reply[:600])
+                reply, used = use_fit(reply, book.fits) if tools else (reply, None)
                 final = parse_final(reply, category) if rnd > self.min_rounds or last else None
                 if final is not None:
+                    if used is not None:  # the fit's code, so its interval too
+                        final.interval = used.interval
                     return done(final)
                 xs = None if last else parse_call(reply, category, self.max_inputs)
-                if xs is not None and not set(map(_key, xs)) - seen:
+                fitted = self._fit(reply, book) if tools and xs is None and not last else None
+                if fitted is not None:
+                    violations = violations + 1 if fitted else 0
+                    repeats, note = 0, fitted
+                    if violations >= MAX_VIOLATIONS:
+                        return done(Answer(failure=f"the LLM never answered the protocol "
+                                           f"({violations} unusable replies)"))
+                    continue
+                if xs is not None and not set(map(_key, xs)) - book.seen:
                     repeats += 1
                     note = self.prompts["repeated" if repeats < MAX_REPEATS else "nothing_new"]
                     continue
@@ -273,11 +380,13 @@ class LLMAgent:
                     continue
                 repeats = 0
                 violations, note = 0, ""
-                values = list(observe(xs).values())
+                values = list(book.observe(box, category, xs).values())
                 guess = parse_guess(reply) if track else None
                 if guess and values:  # judged on the new, distinct inputs of its CALL
-                    guesses.append((guess, sum(values) / len(values), len(values)))
-                    tested.update(map(_show, xs))
+                    book.guesses.append((guess, sum(values) / len(values), len(values)))
+                    book.tested.update(map(_show, xs))
+                if tools and (fitted := self._fit(reply, book)):
+                    note = fitted  # a CALL and a FIT in one reply: the fit uses the new data
         except FunctionFailure as e:
             return done(Answer(failure=str(e)))
         except Exception as e:  # noqa: BLE001 - an LLM or backend failure ends this function

@@ -40,6 +40,8 @@ class FindConfig:
     max_inputs: int = opt(40, "most inputs per AIA experiment")
     n_random: int = opt(20, "random inputs that the baseline and the AIA start from")
     min_rounds: int = opt(1, "experiments the AIA must run before it may answer")
+    tools: str = opt("fit", "the AIA's tools besides calling f: fit (least squares fits of "
+                     "the op grammar to numeric observations), or '' for none")
     fn_timeout: float = opt(30.0, "wall-clock seconds per call of a function")
     code_timeout: float = opt(10.0, "wall-clock seconds to run an answer's code")
     memory_mb: int = opt(1024, "memory limit of sandboxed code in MiB")

@@ -1,4 +1,4 @@
-"""Symbolic regression over FIND's op grammar, for the offline agent.
+"""Symbolic regression over FIND's op grammar, for the offline agent and the AIA's FIT tool.
 
 Each op family is a set of candidate nonlinear parameters (a grid) and, per candidate, a few
 basis columns; amplitudes and an offset are then linear, so every candidate of a family is
@@ -179,23 +179,30 @@ def _pred(fit: Fit) -> np.ndarray:
     return fit.pred
 
 
-def fit_sum(x: np.ndarray, y: np.ndarray, first: Fit) -> Fit:
-    """Backfit: a second family on the residual of the first, then the first again."""
-    b = min((fit_family(n, x, y - _pred(first)) for n in FAMILIES), key=lambda f: f.sse)
-    a = fit_family(first.ops[0], x, y - _pred(b))
+def _add(a: Fit, b: Fit, y: np.ndarray) -> Fit:
     pred = _pred(a) + _pred(b)
     return Fit(float(((y - pred) ** 2).sum()), a.n_params + b.n_params - 1, a.exprs + b.exprs,
                a.coef + b.coef, a.offset + b.offset, a.ops + b.ops, pred)
 
 
-def fit_product(x: np.ndarray, y: np.ndarray, seeds: list[Fit]) -> Fit | None:
+def fit_sum(x: np.ndarray, y: np.ndarray, first: Fit, second: str | None = None) -> Fit:
+    """Backfit: a second family (the best one, or ``second``) on the residual of the first,
+    then the first again."""
+    names = [second] if second else list(FAMILIES)
+    b = min((fit_family(n, x, y - _pred(first)) for n in names), key=lambda f: f.sse)
+    return _add(fit_family(first.ops[0], x, y - _pred(b)), b, y)
+
+
+def fit_product(x: np.ndarray, y: np.ndarray, seeds: list[Fit],
+                second: str | None = None) -> Fit | None:
+    """``(seed + u) * (family + v)`` for each seed and family (or only ``second``)."""
     fits = []
     for s in seeds:
         g = _pred(s) - s.offset
         if np.ptp(g) < 1e-9:
             continue
         gexpr = " + ".join(f"{_f(c)} * ({e})" for c, e in zip(s.coef, s.exprs))
-        for n in FAMILIES:
+        for n in [second] if second else FAMILIES:
             f = fit_family(n, x, y, times=(g, gexpr))
             f.ops = [s.ops[0], n]
             f.n_params += s.n_params - 1
@@ -215,10 +222,12 @@ def fit_model(x: np.ndarray, y: np.ndarray, n_seeds: int = 2,
 
 
 def find_interval(x: np.ndarray, y: np.ndarray, resid: np.ndarray,
-                  step: int = 2) -> tuple[float, float, float, float] | None:
+                  step: int | None = None) -> tuple[float, float, float, float] | None:
     """The interval [x_i, x_j] where replacing the model by a constant lowers the SSE most:
-    (lo, hi, constant, SSE saved), or None when nothing is saved."""
+    (lo, hi, constant, SSE saved), or None when nothing is saved. Its ends are searched
+    every ``step`` points (every point below 200 points, else every second one)."""
     n = len(x)
+    step = step or (1 if n < 200 else 2)
     r2 = np.concatenate([[0], np.cumsum(resid ** 2)])
     s1 = np.concatenate([[0], np.cumsum(y)])
     s2 = np.concatenate([[0], np.cumsum(y * y)])
@@ -236,17 +245,19 @@ def find_interval(x: np.ndarray, y: np.ndarray, resid: np.ndarray,
     return float(x[a]), float(x[b - 1]), float((s1[b] - s1[a]) / (b - a)), float(saved[k])
 
 
-def solve_numeric(x: np.ndarray, y: np.ndarray, n_intervals: int = 2) -> dict[str, Any]:
-    """Model plus corrupted interval. Candidate intervals come from the residuals of the best
-    atomic fits (before a composite can absorb the corruption); each is tried, the model
-    refitted outside it, and the best by BIC (an interval costs 3 parameters) is kept."""
+Model = Callable[[np.ndarray, np.ndarray], tuple[Fit, str]]
+
+
+def with_interval(x: np.ndarray, y: np.ndarray, model: Model, seeds: list[Fit]) -> dict[str, Any]:
+    """``model`` fitted to all points, or outside a corrupted interval where f is constant,
+    whichever has the better BIC (an interval costs 3 parameters). Candidate intervals come
+    from the residuals of the ``seeds`` fits."""
     n = len(x)
-    singles = best_single(x, y)
-    fit, kind = fit_model(x, y, singles=singles)
+    fit, kind = model(x, y)
     best = (fit.bic(n), fit, kind, None)
     tried: list[tuple[float, float]] = []
-    for single in singles[:n_intervals]:
-        found = find_interval(x, y, y - _pred(single))
+    for seed in seeds:
+        found = find_interval(x, y, y - _pred(seed))
         if found is None or any(abs(found[0] - a) < 2 and abs(found[1] - b) < 2
                                 for a, b in tried):
             continue
@@ -255,12 +266,44 @@ def solve_numeric(x: np.ndarray, y: np.ndarray, n_intervals: int = 2) -> dict[st
         inside = (x >= lo) & (x <= hi)
         if inside.all() or (~inside).sum() < 10:
             continue
-        f, k = fit_model(x[~inside], y[~inside])
+        f, k = model(x[~inside], y[~inside])
         sse = f.sse + float(((y[inside] - c) ** 2).sum())
         bic = n * math.log(max(sse, 1e-12) / n) + (f.n_params + 3) * math.log(n)
         if bic < best[0]:
             best = (bic, f, k, (lo, hi, c))
     return {"fit": best[1], "kind": best[2], "interval": best[3]}
+
+
+def solve_numeric(x: np.ndarray, y: np.ndarray, n_intervals: int = 2) -> dict[str, Any]:
+    """The best model of the grammar plus a corrupted interval. Candidate intervals come from
+    the residuals of the best atomic fits (before a composite can absorb the corruption)."""
+    singles = best_single(x, y)
+    return with_interval(x, y, lambda a, b: fit_model(a, b, singles=singles if a is x else None),
+                         singles[:n_intervals])
+
+
+COMBINE: dict[str, Callable[[np.ndarray, np.ndarray, Fit, str], Fit | None]] = {
+    "sum": lambda x, y, first, second: fit_sum(x, y, first, second),
+    "product": lambda x, y, first, second: fit_product(x, y, [first], second),
+}
+
+
+def fit_named(x: np.ndarray, y: np.ndarray, ops: list[str], kind: str) -> tuple[Fit, str]:
+    """The best model of the named families: ``kind`` is atomic (one op), sum or product. A
+    sum or product is fitted both ways round (each family's parameter grid is searched in
+    full only when it comes second) and the better one kept."""
+    first = fit_family(ops[0], x, y)
+    if kind not in COMBINE:
+        return first, "atomic"
+    both = [COMBINE[kind](x, y, fit_family(a, x, y), b) for a, b in (ops, ops[::-1])]
+    fits = [f for f in both if f is not None]
+    return (min(fits, key=lambda f: f.sse), kind) if fits else (first, "atomic")
+
+
+def solve_named(x: np.ndarray, y: np.ndarray, ops: list[str], kind: str) -> dict[str, Any]:
+    """``fit_named`` plus a corrupted interval, found from the residual of its first op."""
+    return with_interval(x, y, lambda a, b: fit_named(a, b, ops, kind),
+                         [fit_family(ops[0], x, y)])
 
 
 def numeric_code(result: dict[str, Any], lo_edge: float = -128.0,
@@ -276,8 +319,8 @@ def numeric_code(result: dict[str, Any], lo_edge: float = -128.0,
         lo = lo_edge if lo <= lo_edge + 1 else lo
         hi = hi_edge if hi >= hi_edge - 1 else hi
         interval = [lo, hi]
-        cond = " and ".join([*([f"x >= {_f(lo)}"] if lo > lo_edge else []),
-                             *([f"x <= {_f(hi)}"] if hi < hi_edge else [])]) or "True"
+        cond = " and ".join([*([f"x >= {float(lo)!r}"] if lo > lo_edge else []),  # ends exact
+                             *([f"x <= {float(hi)!r}"] if hi < hi_edge else [])]) or "True"
         lines += [f"    if {cond}:", f"        return {_f(c)}"]
         desc += f", except for x in [{lo:g}, {hi:g}] where it is {c:.3g}"
     lines += ["    try:", f"        return {expr}", "    except (ZeroDivisionError, ValueError):",

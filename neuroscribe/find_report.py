@@ -27,6 +27,8 @@ def make_agents(cfg: FindConfig, llm_cfg: Any) -> dict[str, Any]:
     known = ("offline", *LLM_AGENTS)
     if bad := [a for a in names if a not in known]:
         raise UserError(f"unknown agent {bad[0]!r}; have {', '.join(known)}")
+    if bad := [t for t in cfg.tools.split(",") if t and t != "fit"]:
+        raise UserError(f"unknown AIA tool {bad[0]!r}; have fit")
     client = None
     if any(a in LLM_AGENTS for a in names):
         from .llm import make_client
@@ -38,7 +40,8 @@ def make_agents(cfg: FindConfig, llm_cfg: Any) -> dict[str, Any]:
         "offline": lambda: OfflineAgent(),
         "baseline": lambda: LLMAgent(client, "baseline", rounds=0, n_random=cfg.n_random),
         "aia": lambda: LLMAgent(client, "aia", rounds=cfg.max_rounds, n_random=cfg.n_random,
-                                max_inputs=cfg.max_inputs, min_rounds=cfg.min_rounds),
+                                max_inputs=cfg.max_inputs, min_rounds=cfg.min_rounds,
+                                tools=cfg.tools),
     }
     return {a: factories[a]() for a in names}
 

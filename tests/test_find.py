@@ -19,6 +19,7 @@ from neuroscribe.find_agents import (
 )
 from neuroscribe.find_aia import (
     LLMAgent,
+    Notebook,
     next_to_explain,
     parse_call,
     parse_final,
@@ -34,6 +35,7 @@ from neuroscribe.find_suite import (
     make_suite,
     save_suite,
 )
+from neuroscribe.find_tools import parse_fit, run_fit, use_fit
 from neuroscribe.llm import Client, LLMConfig, Request, Response
 from neuroscribe.sandbox import SandboxConfig, Worker, run_code
 
@@ -161,7 +163,9 @@ def test_a_call_of_only_observed_inputs_is_refused_as_no_experiment() -> None:
     assert ans.failure is None and ans.llm_calls == 4
     assert "already been observed" in backend.prompts[2]
     assert "already been observed" not in backend.prompts[3]
-    assert "f(3) = 7" in backend.prompts[3] and backend.prompts[3].count("f(2) = 5") == 2
+    # The AIA sees numeric observations once per input, in order of x.
+    shown = backend.prompts[3]
+    assert shown.count("f(2) = 5") == 1 and shown.index("f(1) = 3") < shown.index("f(3) = 7")
     # After two such replies in a row the next turn asks for the answer, and takes it.
     ans, backend = solve_with(["CALL: [1]", "CALL: [1]", "CALL: [1]", GOOD])
     assert ans.failure is None and ans.llm_calls == 4
@@ -244,6 +248,10 @@ def test_parsers() -> None:
     assert parse_call('CALL: ["saw", "drill", "chis', "entity", 40) == ["saw", "drill"]
     assert parse_call("CALL: [1, 2.5, 3", "numeric", 40) == [1.0, 2.5]
     assert parse_call('CALL: ["saw', "entity", 40) is None
+    # A numeric list may continue evenly spaced inputs with an ellipsis.
+    assert parse_call("CALL: [-128, -120, ..., 120]", "numeric", 40) == [
+        float(v) for v in range(-128, 121, 8)]
+    assert parse_call("CALL: [10, 8, …, 0]", "numeric", 3) == [10.0, 8.0, 6.0]
     assert parse_interval("[-10, 5.5]") == [-10.0, 5.5]
     assert parse_interval("x < -90") == [-128.0, -90.0]
     assert parse_interval("none") is None
@@ -261,10 +269,10 @@ def test_parsers() -> None:
 def test_answer_forms_ask_for_code_only_where_code_is_scored() -> None:
     agent = LLMAgent(Client(Scripted([]), LLMConfig(retries=0)), "aia", rounds=2)
     for category in ("numeric", "string", "entity", "puzzle"):
-        last = agent._prompt(category, [], 3, True, "")
+        last = agent._prompt(category, Notebook(), 3, True, "")
         assert last.count("DESCRIPTION:") == 1
         assert ("def f(x)" in last) == (category in ("numeric", "string")), category
-        assert ("def f(x)" in agent._prompt(category, [], 2, False, "")) == (
+        assert ("def f(x)" in agent._prompt(category, Notebook(), 2, False, "")) == (
             category in ("numeric", "string"))
 
 
@@ -345,4 +353,71 @@ def test_unknown_agent_is_a_one_line_error_without_output(tmp_path: Path) -> Non
 
     out = tmp_path / "run"
     assert main(["bench-find", "--out", str(out), "--agents", "oracle", "--puzzles", ""]) == 2
+    assert main(["bench-find", "--out", str(out), "--agents", "offline", "--tools", "oracle",
+                 "--puzzles", ""]) == 2
     assert not out.exists()
+
+
+ALIASES = LLMAgent(Client(Scripted([]), LLMConfig(retries=0)), "aia").prompts["fit"]["aliases"]
+
+
+def test_fit_replies_name_families_and_how_they_combine() -> None:
+    assert parse_fit("FIT: sin + linear", ALIASES) == (["cos", "linear"], "sum")
+    assert parse_fit("FIT: Polynomial * Gaussian\nthanks", ALIASES) == (
+        ["polynomial", "gaussian"], "product")
+    assert parse_fit("FIT: a*sin(b*x)+c", ALIASES) == (["cos", "linear"], "sum")
+    assert parse_fit("FIT: square root", ALIASES) == (["root"], "atomic")
+    assert parse_fit("FIT: square wave", ALIASES) == (["square_wave"], "atomic")
+    assert parse_fit("CALL: [1, 2]", ALIASES) is None
+    assert "no known model family" in str(parse_fit("FIT: something odd", ALIASES))
+
+
+def test_fit_tool_recovers_a_corrupted_sine_and_its_code_is_used() -> None:
+    xs = np.linspace(-127, 127, 90)
+    ys = [5.0 if 20 <= x <= 40 else 3 * np.sin(0.1 * x) + 1 for x in xs]
+    fit = run_fit(list(zip(xs, ys)), ["cos"], "atomic")
+    assert not isinstance(fit, str) and fit.nmse < 1e-3 and fit.spec == "cos"
+    assert fit.interval is not None and interval_iou(fit.interval, [20.0, 40.0]) > 0.8
+    assert "too few" in str(run_fit([(0.0, 1.0)], ["linear"], "atomic"))
+    reply, used = use_fit("FINAL\nDESCRIPTION: a sine\nDOMAIN: none\nCODE: FIT 1", [fit])
+    assert used is fit and "def f(x)" in reply and "FIT 1" not in reply
+    assert use_fit("CODE: FIT <n>", [fit])[1] is fit  # no such fit: the lowest error
+    assert use_fit("CODE: FIT 1", []) == ("CODE: FIT 1", None)
+
+
+def test_fit_tool_fits_the_named_sum_or_product() -> None:
+    x = np.linspace(-127, 127, 80)
+    pts = list(zip(x, np.sin(0.2 * x) * (0.5 * x + 3)))
+    prod = run_fit(pts, ["cos", "linear"], "product")
+    summed = run_fit(pts, ["cos", "linear"], "sum")
+    assert not isinstance(prod, str) and not isinstance(summed, str)
+    assert prod.nmse < 1e-3 < summed.nmse and prod.spec == "cos * linear"
+
+
+GRID = "CALL: [" + ", ".join(str(v) for v in range(-120, 121, 8)) + "]"
+
+
+def test_aia_fits_models_sees_their_errors_and_answers_with_a_fit() -> None:
+    final = "FINAL\nDESCRIPTION: a line\nDOMAIN: none\nCODE: FIT 2"
+    ans, backend = solve_with([GRID, "FIT: gaussian", "FIT: linear", "FIT: nonsense",
+                               "FIT: line", final])
+    assert ans.failure is None and ans.llm_calls == 6 and ans.interval is None
+    ranked = next(ln for ln in backend.prompts[1].splitlines() if "by error" in ln)
+    assert "linear 0," in ranked and "gaussian" not in ranked
+    assert "by error" not in backend.prompts[0]  # 20 random inputs: too few to rank
+    shown = backend.prompts[3]
+    assert shown.index("FIT 2 (linear): error 0 ") < shown.index("FIT 1 (gaussian)")
+    assert "your FIT was not done: no known model family" in backend.prompts[4]
+    assert "linear was fitted already" in backend.prompts[5]
+    assert "CODE: FIT <n>" in backend.prompts[4] and "CODE: FIT <n>" not in backend.prompts[1]
+    ev = Evaluator(FindConfig(), lambda f, xs: run_in_process(f, "f_clean", xs),
+                   lambda code, xs: run_code(code, xs))
+    assert ev.score(LINEAR, ans)["solved"]
+
+
+def test_the_single_round_baseline_has_no_fit_tool() -> None:
+    backend = Scripted(["FIT: linear", GOOD])
+    agent = LLMAgent(Client(backend, LLMConfig(retries=0)), "baseline", rounds=0, n_random=5)
+    with Worker(SandboxConfig()) as w:
+        ans = asyncio.run(agent.solve(BlackBox(LINEAR.code, w), "numeric"))
+    assert "FIT" not in backend.prompts[0] and ans.failure is not None and ans.llm_calls == 1
