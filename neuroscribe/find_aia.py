@@ -319,7 +319,7 @@ class LLMAgent:
         points = [(x, y) for x, (y, _) in book.points.items()]
         made = run_fit(points, *spec, fp["names"]) if isinstance(spec, tuple) else spec
         if isinstance(made, str):
-            return self.prompts["fit"]["bad"].format(reason=made)
+            return fp["bad"].format(reason=made)
         book.fits.append(made)
         return ""
 

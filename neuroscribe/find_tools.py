@@ -54,30 +54,37 @@ def model_name(ops: list[str], kind: str, names: dict[str, str] | None = None) -
     return {"atomic": shown[0], "sum": " + ".join(shown), "product": " * ".join(shown)}[kind]
 
 
-def run_fit(points: list[tuple[float, float]], ops: list[str], kind: str,
-            names: dict[str, str] | None = None) -> ModelFit | str:
-    """Least squares fit of the named model to ``points`` (x, y); a message when too few."""
+def _arrays(points: list[tuple[float, float]]) -> tuple[Any, Any]:
+    """x and y of the points with a finite y, one per x, in order of x."""
     import numpy as np
 
+    pts = sorted({x: y for x, y in points if np.isfinite(y)}.items())
+    return np.array([x for x, _ in pts], float), np.array([y for _, y in pts], float)
+
+
+def run_fit(points: list[tuple[float, float]], ops: list[str], kind: str,
+            names: dict[str, str] | None = None) -> ModelFit | str:
+    """Least squares fit of the named model to ``points`` (x, y); a message when too few.
+    Its error is FIND's NMSE of the fit's own code on the points."""
+    import numpy as np
+
+    from .find_eval import nmse
     from .find_fit import numeric_code, solve_named
 
-    pts = sorted({x: y for x, y in points if np.isfinite(y)}.items())
-    if len(pts) < 6:
-        return f"too few observations to fit ({len(pts)}); CALL f on more inputs first"
-    x, y = (np.array(v, float) for v in zip(*pts))
+    x, y = _arrays(points)
+    if len(x) < 6:
+        return f"too few observations to fit ({len(x)}); CALL f on more inputs first"
     with np.errstate(all="ignore"):
         result = solve_named(x, y, ops, kind)
     code, formula, interval = numeric_code(result)
     ns: dict[str, Any] = {}
     exec(compile(code, "<fit>", "exec"), ns)  # our own generated code, not the LLM's
     try:
-        pred = np.array([ns["f"](v) for v in x], float)
+        err = nmse(list(y), [float(ns["f"](v)) for v in x])
     except (OverflowError, ValueError, ZeroDivisionError):
-        pred = np.full(len(x), np.nan)
-    var = float(y.var()) or max(float((y * y).mean()), 1e-12)
-    err = float(((y - pred) ** 2).mean() / var)
-    nmse = err if np.isfinite(err) else float("inf")
-    return ModelFit(model_name(ops, kind, names), formula, code, interval, nmse, len(pts))
+        err = float("inf")
+    err = err if np.isfinite(err) else float("inf")
+    return ModelFit(model_name(ops, kind, names), formula, code, interval, err, len(x))
 
 
 def family_ranking(points: list[tuple[float, float]], p: dict[str, Any]) -> str:
@@ -87,10 +94,9 @@ def family_ranking(points: list[tuple[float, float]], p: dict[str, Any]) -> str:
 
     from .find_fit import best_single
 
-    pts = sorted({x: y for x, y in points if np.isfinite(y)}.items())
-    if len(pts) < 6:
+    x, y = _arrays(points)
+    if len(x) < 6:
         return ""
-    x, y = (np.array(v, float) for v in zip(*pts))
     scale = max(float(((y - y.mean()) ** 2).sum()), 1e-12)
     with np.errstate(all="ignore"):  # a reciprocal pole on an observed x
         fits = sorted(best_single(x, y), key=lambda f: f.sse)[: p["rank_n"]]

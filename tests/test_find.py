@@ -35,7 +35,7 @@ from neuroscribe.find_suite import (
     make_suite,
     save_suite,
 )
-from neuroscribe.find_tools import parse_fit, run_fit, use_fit
+from neuroscribe.find_tools import family_ranking, parse_fit, run_fit, use_fit
 from neuroscribe.llm import Client, LLMConfig, Request, Response
 from neuroscribe.sandbox import SandboxConfig, Worker, run_code
 
@@ -383,6 +383,18 @@ def test_fit_tool_recovers_a_corrupted_sine_and_its_code_is_used() -> None:
     assert used is fit and "def f(x)" in reply and "FIT 1" not in reply
     assert use_fit("CODE: FIT <n>", [fit])[1] is fit  # no such fit: the lowest error
     assert use_fit("CODE: FIT 1", []) == ("CODE: FIT 1", None)
+
+
+def test_fit_error_is_nmse_on_the_observations() -> None:
+    # y = +1, -1, +1, ... has mean 0: a constant predicts 0, so its NMSE is exactly 1 (an
+    # interval saves at most 1/3 of a squared unit, less than BIC charges for it).
+    flip = [(float(x), float((-1) ** i)) for i, x in enumerate(range(-30, 30, 3))]
+    const = run_fit(flip, ["constant"], "atomic")
+    assert not isinstance(const, str) and abs(const.nmse - 1.0) < 1e-9 and const.interval is None
+    line = run_fit([(float(x), 2.0 * x) for x in range(-30, 30, 3)], ["linear"], "atomic")
+    assert not isinstance(line, str) and line.nmse < 1e-12
+    fit_cfg = LLMAgent(Client(Scripted([]), LLMConfig(retries=0)), "aia").prompts["fit"]
+    assert ", constant 1" in family_ranking(flip, {**fit_cfg, "rank_n": 17})
 
 
 def test_fit_tool_fits_the_named_sum_or_product() -> None:
