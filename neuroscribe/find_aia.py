@@ -235,6 +235,10 @@ class Notebook:
                     fresh.setdefault(_key(x), float(y))
         return fresh
 
+    def xy(self) -> list[tuple[float, float]]:
+        """The numeric observations as (x, y), one per input, for the FIT tool."""
+        return [(x, y) for x, (y, _) in self.points.items()]
+
     def shown(self, by_x: bool) -> list[str]:
         """The observation lines of a prompt: the most recent ones, or (``by_x``, numeric
         inputs) evenly spread over the inputs observed, in order of x."""
@@ -287,8 +291,7 @@ class LLMAgent:
             lines += ["", p["guesses"]["header"], *guess_lines(book.guesses, largest,
                                                                 p["guesses"])]
         if tools and len(book.seen) >= p["fit"]["min_points"]:
-            points = [(x, y) for x, (y, _) in book.points.items()]
-            lines += ["", family_ranking(points, p["fit"])]
+            lines += ["", family_ranking(book.xy(), p["fit"])]
         if book.fits and tools:
             lines += ["", *fit_lines(book.fits, p["fit"])]
         text = p["last_turn" if last else "turn"].format(
@@ -316,8 +319,7 @@ class LLMAgent:
         if isinstance(spec, tuple) and (name := model_name(*spec, fp["names"])) in {
                 f.spec for f in book.fits}:
             return fp["again"].format(model=name)
-        points = [(x, y) for x, (y, _) in book.points.items()]
-        made = run_fit(points, *spec, fp["names"]) if isinstance(spec, tuple) else spec
+        made = run_fit(book.xy(), *spec, fp["names"]) if isinstance(spec, tuple) else spec
         if isinstance(made, str):
             return fp["bad"].format(reason=made)
         book.fits.append(made)

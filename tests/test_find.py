@@ -425,6 +425,11 @@ def test_aia_fits_models_sees_their_errors_and_answers_with_a_fit() -> None:
     ev = Evaluator(FindConfig(), lambda f, xs: run_in_process(f, "f_clean", xs),
                    lambda code, xs: run_code(code, xs))
     assert ev.score(LINEAR, ans)["solved"]
+    # An answer with a fit's code takes that fit's interval (none here), not the DOMAIN line,
+    # so the stated interval always matches the code that is scored.
+    ans, _ = solve_with([GRID, "FIT: linear", "FINAL\nDESCRIPTION: a line\nDOMAIN: [0, 5]\n"
+                         "CODE: FIT 1"])
+    assert ans.failure is None and ans.interval is None and "def f(x)" in ans.code
 
 
 def test_the_single_round_baseline_has_no_fit_tool() -> None:
