@@ -37,8 +37,9 @@ class ExplainConfig(LLMConfig):
     explainer: str = opt("tokens", "explainer: tokens (token statistics, no LLM), openai "
                          "(OpenAI's token<tab>activation prompt), highlight (delphi-style "
                          "<<marked>> excerpts), summary (highlight plus the marked tokens "
-                         "counted and facts about them) or contrastive (highlight plus "
-                         "silent excerpts)")
+                         "counted and facts about them), category (the LLM names the "
+                         "marked tokens' kind; facts appended) or contrastive (highlight "
+                         "plus silent excerpts)")
     units: str = opt("first:100", "units to explain per hookpoint: all, first:N, "
                      "random:N[:SEED], or ranges like 0-49,100")
     normalization: str = opt("floor", "activation normalisation to 0-10: floor (OpenAI) or "

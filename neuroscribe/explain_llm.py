@@ -1,6 +1,6 @@
 """LLM explainers: ``openai`` (token<tab>activation prompt), ``highlight`` (delphi-style
 <<marked>> excerpts), ``summary`` (highlight plus the marked tokens counted and facts about
-them) and
+them), ``category`` (only the marked tokens, named by the LLM, then the facts appended) and
 ``contrastive`` (highlight plus silent excerpts).
 
 Each asks the LLM ``n_samples`` times (seeds 0..N-1), cleans every reply into one phrase
@@ -23,14 +23,17 @@ from .explain import EXPLAINERS, ExplainConfig, ExplanationError
 from .formats import ActivationRecord
 from .llm import Client, LLMError, Request, make_client
 from .prompts import (
+    CATEGORY_EXAMPLES,
     SUMMARY_EXAMPLES,
     Messages,
+    category_explain_messages,
     contrastive_explain_messages,
     few_shot_neurons,
     highlight_explain_messages,
     load,
     openai_explain_messages,
     summary_explain_messages,
+    with_facts,
 )
 from .score import max_activation, normalize_activations
 
@@ -143,6 +146,10 @@ class LLMExplainer:
                  background: Sequence[ActivationRecord]) -> Messages:
         raise NotImplementedError
 
+    def finish(self, text: str, shown: Sequence[ActivationRecord]) -> str:
+        """The explanation made from a cleaned reply (the reply itself, unless overridden)."""
+        return text
+
     async def _sample(self, msgs: Messages, seed: int) -> str:
         req = Request(messages=msgs, max_tokens=self.cfg.max_explanation_tokens,
                       temperature=self.cfg.temperature, seed=seed, stage="explain")
@@ -172,8 +179,8 @@ class LLMExplainer:
                 reasons.append(str(out))
             elif isinstance(out, BaseException):
                 raise out
-            elif out not in candidates:
-                candidates.append(out)
+            elif (text := self.finish(out, shown)) not in candidates:
+                candidates.append(text)
         if reasons:
             log.info("explain: %d of %d samples unusable: %s", len(reasons), len(outcomes),
                      summarize_failures(reasons))
@@ -210,6 +217,21 @@ class SummaryExplainer(LLMExplainer):
         return summary_explain_messages(train, self.cfg.normalization, self.cfg.active_level)
 
 
+class CategoryExplainer(LLMExplainer):
+    """Only the marked tokens, counted, each with a short excerpt: the LLM names what kind of
+    token they are, and the facts that hold for them (the token before, a capital letter) are
+    appended as phrases, so a small model need not notice the context itself."""
+
+    shots = CATEGORY_EXAMPLES
+
+    def messages(self, train: Sequence[ActivationRecord],
+                 background: Sequence[ActivationRecord]) -> Messages:
+        return category_explain_messages(train, self.cfg.normalization, self.cfg.active_level)
+
+    def finish(self, text: str, shown: Sequence[ActivationRecord]) -> str:
+        return with_facts(text, shown, self.cfg.normalization, self.cfg.active_level)
+
+
 class ContrastiveExplainer(LLMExplainer):
     """The highlight prompt plus background records where the unit stays below the active
     level, labelled as excerpts where it does not fire."""
@@ -224,5 +246,6 @@ class ContrastiveExplainer(LLMExplainer):
 
 LLM_EXPLAINERS: dict[str, type] = {"openai": OpenAIExplainer, "highlight": HighlightExplainer,
                                    "summary": SummaryExplainer,
+                                   "category": CategoryExplainer,
                                    "contrastive": ContrastiveExplainer}
 EXPLAINERS.update(LLM_EXPLAINERS)

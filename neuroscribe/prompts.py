@@ -25,6 +25,7 @@ from .score import max_activation, normalize_activations
 Message = tuple[str, str]
 Messages = tuple[Message, ...]
 SUMMARY_EXAMPLES = "summary_examples"  # the summary prompt's few-shot file, apart from planted
+CATEGORY_EXAMPLES = "category_examples"  # the category prompt's, apart from planted too
 
 
 @cache
@@ -172,35 +173,95 @@ def marked_counts(records: Sequence[ActivationRecord], max_act: float, normaliza
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
-def marked_facts(records: Sequence[ActivationRecord], max_act: float, normalization: str,
-                 level: int, t: dict[str, Any] | None = None) -> list[str]:
-    """Facts that hold for most tokens at normalised ``level`` or above and far less often
-    for the others: the token right before them, and their form (each regex of ``forms``; by
-    default a capital first letter). Thresholds and wording come from the ``facts`` entry of
-    the template."""
-    f = (load("highlight") if t is None else t)["facts"]
+def _fact_matches(records: Sequence[ActivationRecord], max_act: float, normalization: str,
+                  level: int, f: dict[str, Any]) -> list[tuple[str, int, int, dict[str, str]]]:
+    """(kind, n, total, fields) of each fact that holds: ``n`` of the ``total`` marked tokens
+    have it, at least ``min_count`` and ``min_share`` of them, and ``min_ratio`` times the
+    share of unmarked tokens that have it. Kinds: ``previous`` (the most common token right
+    before a marked one) and ``form`` (a regex of ``forms`` searched in the token)."""
     marked, other = _positions(records, max_act, normalization, level)
     if not marked:
         return []
 
-    def fact(key: str, n: int, base: int, **kw: str) -> list[str]:
-        """The fact's sentence when ``n`` marked and ``base`` unmarked tokens have it."""
+    def holds(n: int, base: int) -> bool:
         share = n / len(marked)
-        if (n < f["min_count"] or share < f["min_share"]
-                or share < f["min_ratio"] * base / max(1, len(other))):
-            return []
-        key = f"{key}_all" if n == len(marked) else key
-        return [f[key].format(n=n, total=len(marked), **kw)]
+        return (n >= f["min_count"] and share >= f["min_share"]
+                and share >= f["min_ratio"] * base / max(1, len(other)))
 
-    facts: list[str] = []
+    found: list[tuple[str, int, int, dict[str, str]]] = []
     before = Counter(p for p, _ in marked if p)
     if before:
         word, n = max(before.items(), key=lambda kv: (kv[1], kv[0]))
-        facts += fact("previous", n, sum(p == word for p, _ in other), token=word)
+        if holds(n, sum(p == word for p, _ in other)):
+            found.append(("previous", n, len(marked), {"token": word}))
     for form, pattern in f["forms"].items():
-        facts += fact("form", sum(bool(re.search(pattern, tok)) for _, tok in marked),
-                      sum(bool(re.search(pattern, tok)) for _, tok in other), form=form)
-    return facts
+        n = sum(bool(re.search(pattern, tok)) for _, tok in marked)
+        if holds(n, sum(bool(re.search(pattern, tok)) for _, tok in other)):
+            found.append(("form", n, len(marked), {"form": form}))
+    return found
+
+
+def marked_facts(records: Sequence[ActivationRecord], max_act: float, normalization: str,
+                 level: int, t: dict[str, Any] | None = None) -> list[str]:
+    """Facts that hold for most tokens at normalised ``level`` or above and far less often
+    for the others (``_fact_matches``), as sentences. Thresholds and wording come from the
+    ``facts`` entry of the template; the ``*_all`` wording is used when every marked token
+    has the fact."""
+    f = (load("highlight") if t is None else t)["facts"]
+    return [f[f"{kind}_all" if n == total else kind].format(n=n, total=total, **kw)
+            for kind, n, total, kw in _fact_matches(records, max_act, normalization, level, f)]
+
+
+def marked_excerpt(records: Sequence[ActivationRecord], token: str, max_act: float,
+                   normalization: str, level: int, before: int, after: int,
+                   t: dict[str, Any]) -> str:
+    """A few tokens around the first marked occurrence of ``token`` (stripped), marked."""
+    for r in records:
+        levels = normalize_activations(r.activations, max_act, normalization)
+        for i, (tok, lvl) in enumerate(zip(r.tokens, levels)):
+            if lvl >= max(1, level) and tok.strip() == token:
+                a, b = max(0, i - before), i + after + 1
+                part = ActivationRecord(tokens=r.tokens[a:b], activations=r.activations[a:b])
+                return highlight_text(part, max_act, normalization, level, t).strip()
+    return token
+
+
+def _category_user(records: Sequence[ActivationRecord], normalization: str, level: int,
+                   t: dict[str, Any], marks: dict[str, Any]) -> str:
+    top = max_activation(records)
+    lines = [t["header"]]
+    for tok, n in marked_counts(records, top, normalization, level)[: t["max_tokens"]]:
+        excerpt = marked_excerpt(records, tok, top, normalization, level, t["before"],
+                                 t["after"], marks)
+        lines.append(t["line"].format(token=tok.replace("\n", marks["newline"]), count=n,
+                                      excerpt=excerpt))
+    return "\n".join([*lines, "", t["ask"]])
+
+
+def category_explain_messages(records: Sequence[ActivationRecord], normalization: str = "floor",
+                              level: int = 1,
+                              examples: Sequence[FewShotNeuron] | None = None) -> Messages:
+    """The category prompt: only the marked tokens, counted, each with a short excerpt; the
+    LLM names their kind. Few-shot neurons default to ``CATEGORY_EXAMPLES``."""
+    t, marks = load("category"), load("highlight")
+    msgs: list[Message] = [("system", t["system"])]
+    for ex in _examples(examples, CATEGORY_EXAMPLES):
+        msgs.append(("user", _category_user(ex.records, normalization, level, t, marks)))
+        msgs.append(("assistant", t["answer"].format(explanation=ex.explanation)))
+    msgs.append(("user", _category_user(records, normalization, level, t, marks)))
+    return tuple(msgs)
+
+
+def with_facts(category: str, records: Sequence[ActivationRecord], normalization: str = "floor",
+               level: int = 1) -> str:
+    """The category followed by the facts that hold for the marked tokens, as phrases
+    (``category`` alone when none holds): 'nouns, right after "the"'."""
+    t, f = load("category"), load("highlight")["facts"]
+    found = _fact_matches(records, max_activation(records), normalization, level, f)
+    if not found:
+        return category
+    facts = t["fact_separator"].join(t["phrases"][kind].format(**kw) for kind, _, _, kw in found)
+    return t["joined"].format(category=category, facts=facts)
 
 
 def _highlight_user(records: Sequence[ActivationRecord],

@@ -184,6 +184,22 @@ def test_summary_explainer_sends_the_counted_prompt(tmp_path: Path) -> None:
     assert 'Marked tokens, most frequent first: "cat" x' in sent[-1][1]
 
 
+def test_category_explainer_names_the_kind_and_appends_the_facts(tmp_path: Path) -> None:
+    """The LLM only names the kind of the marked tokens; the facts that hold for them (here:
+    all four come right after "the") are appended by the code, to every candidate."""
+    recs = [ActivationRecord(["I", " saw", " the", " owl", " and", " the", " fox", " go"],
+                             [0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 6.0, 0.0]),
+            ActivationRecord([" then", " the", " bear", " met", " the", " deer", " here"],
+                             [0.0, 0.0, 6.0, 0.0, 0.0, 4.0, 0.0])]
+    cfg = ExplainConfig(explainer="category", active_level=4, n_samples=2, temperature=1.0)
+    c = client(tmp_path, text("Explanation: animals", "Explanation: wild animals."))
+    got = asyncio.run(explain_mod.EXPLAINERS["category"](cfg, c).explain(recs, []))
+    assert got == ['animals, right after "the"', 'wild animals, right after "the"']
+    sent = c.backend.requests[0].messages
+    assert sent == prompts.category_explain_messages(recs, "floor", 4)
+    assert sent[-1][1].startswith('Tokens where the neuron fires, most frequent first:\n"bear" x1')
+
+
 def test_each_explainer_refuses_copies_of_the_few_shot_set_it_shows(tmp_path: Path) -> None:
     """The summary prompt shows its own few-shot neurons, so a reply that copies one of those is
     refused; an explanation from the shared set is not a copy there."""
@@ -203,7 +219,7 @@ def test_each_explainer_refuses_copies_of_the_few_shot_set_it_shows(tmp_path: Pa
 
 
 def test_llm_explainers_are_registered() -> None:
-    assert {"tokens", "openai", "highlight", "summary", "contrastive"} <= set(
+    assert {"tokens", "openai", "highlight", "summary", "category", "contrastive"} <= set(
         explain_mod.EXPLAINERS)
     from neuroscribe.simulate import SIMULATORS
 

@@ -138,14 +138,47 @@ def test_summary_prompt_adds_the_facts_after_the_counts() -> None:
     assert "right after" not in prompts.highlight_explain_messages(recs, "floor", 4, [])[-1][1]
 
 
+def test_category_prompt_shows_only_the_marked_tokens_with_an_excerpt() -> None:
+    target = [ActivationRecord(["I", " saw", " the", " big", " cat", " and", " a", " dog", "."],
+                               [0.0, 0.0, 0.0, 0.0, 6.0, 0.0, 0.0, 5.0, 0.0]),
+              ActivationRecord([" cat", "!"], [6.0, 0.0])]
+    t = prompts.load("category")
+    assert prompts.category_explain_messages(target, "floor", 5, [SHOT]) == (
+        ("system", t["system"]),
+        ("user", "Tokens where the neuron fires, most frequent first:\n"
+                 '"b" x1, as in: ...a <<b>>...\n\nWhat kind of token are they?'),
+        ("assistant", "Explanation: odd things"),
+        ("user", "Tokens where the neuron fires, most frequent first:\n"
+                 '"cat" x2, as in: ...I saw the big <<cat>> and a...\n'
+                 '"dog" x1, as in: ...big <<cat>> and a <<dog>>....\n'
+                 "\nWhat kind of token are they?"),
+    )
+    # By default the few-shot neurons are those of category_examples.json.
+    msgs = prompts.category_explain_messages(target)
+    assert [m[1] for m in msgs if m[0] == "assistant"] == [
+        f"Explanation: {n.explanation}" for n in prompts.few_shot_neurons("category_examples")]
+
+
+def test_with_facts_appends_the_facts_as_phrases() -> None:
+    recs = [ActivationRecord(["I", " saw", " the", " Owl", " and", " the", " Fox", " go"],
+                             [0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 6.0, 0.0]),
+            ActivationRecord([" then", " the", " Bear", " met", " the", " Deer", " here"],
+                             [0.0, 0.0, 6.0, 0.0, 0.0, 4.0, 0.0])]
+    assert prompts.with_facts("animals", recs, "floor", 4) == (
+        'animals, right after "the", starting with a capital letter')
+    # Below min_count (4 marked tokens) no fact holds: the category alone.
+    assert prompts.with_facts("animals", [recs[0]], "floor", 4) == "animals"
+
+
 def test_summary_few_shot_neurons_avoid_the_planted_concepts() -> None:
     """The summary explainer is the one bench-planted reports, so its examples must not teach
     a planted concept: no example marks a token that a planted concept's matcher accepts, in
     the packaged concepts or in the held-out ones."""
     from neuroscribe.planted import load_concepts
 
-    shots = prompts.few_shot_neurons("summary_examples")
-    assert len(shots) == 5
+    summary = prompts.few_shot_neurons("summary_examples")
+    assert len(summary) == 5
+    shots = summary + prompts.few_shot_neurons("category_examples")
     heldout = resources.files("neuroscribe").joinpath("data/planted/heldout_concepts.json")
     concepts = load_concepts() + load_concepts(str(heldout))
     assert len(concepts) == 40
@@ -157,7 +190,7 @@ def test_summary_few_shot_neurons_avoid_the_planted_concepts() -> None:
                 assert not hits, (shot.explanation, c.name, hits)
     msgs = prompts.summary_explain_messages([ActivationRecord(["x"], [1.0])])
     assert [m[1] for m in msgs if m[0] == "assistant"] == [
-        f"Explanation: {s.explanation}" for s in shots]
+        f"Explanation: {s.explanation}" for s in summary]
     # The second example shows a fact line, so the prompt demonstrates one.
     assert 'come right after "to"' in msgs[3][1]
 
@@ -215,5 +248,5 @@ def test_default_few_shot_examples_are_well_formed() -> None:
     assert prompts.openai_simulate_prompt("e", ["x"]).count("\tunknown") == 1
     # Every template file is valid JSON with a description.
     for name in ("common", "openai", "highlight", "json_simulate", "cleaning", "examples",
-                 "summary_examples"):
+                 "summary_examples", "category", "category_examples"):
         assert json.loads(json.dumps(prompts.load(name)))["description"]
