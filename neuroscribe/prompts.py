@@ -165,11 +165,17 @@ def _positions(records: Sequence[ActivationRecord], max_act: float, normalizatio
     return marked, other
 
 
+def _key(token: str) -> str:
+    """A token as counted: stripped, unless it is all whitespace (a newline stays a newline)."""
+    return token.strip() or token
+
+
 def marked_counts(records: Sequence[ActivationRecord], max_act: float, normalization: str,
-                  level: int) -> list[tuple[str, int]]:
-    """The tokens at normalised ``level`` or above (stripped), counted, most frequent first."""
+                  level: int, blank: bool = False) -> list[tuple[str, int]]:
+    """The tokens at normalised ``level`` or above (stripped), counted, most frequent first;
+    all-whitespace tokens are left out unless ``blank``."""
     marked, _ = _positions(records, max_act, normalization, level)
-    counts = Counter(tok.strip() for _, tok in marked if tok.strip())
+    counts = Counter(_key(tok) for _, tok in marked if blank or tok.strip())
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
@@ -215,11 +221,11 @@ def marked_facts(records: Sequence[ActivationRecord], max_act: float, normalizat
 def marked_excerpt(records: Sequence[ActivationRecord], token: str, max_act: float,
                    normalization: str, level: int, before: int, after: int,
                    t: dict[str, Any]) -> str:
-    """A few tokens around the first marked occurrence of ``token`` (stripped), marked."""
+    """A few tokens around the first marked occurrence of ``token`` (as ``_key``), marked."""
     for r in records:
         levels = normalize_activations(r.activations, max_act, normalization)
         for i, (tok, lvl) in enumerate(zip(r.tokens, levels)):
-            if lvl >= max(1, level) and tok.strip() == token:
+            if lvl >= max(1, level) and _key(tok) == token:
                 a, b = max(0, i - before), i + after + 1
                 part = ActivationRecord(tokens=r.tokens[a:b], activations=r.activations[a:b])
                 return highlight_text(part, max_act, normalization, level, t).strip()
@@ -230,7 +236,7 @@ def _category_user(records: Sequence[ActivationRecord], normalization: str, leve
                    t: dict[str, Any], marks: dict[str, Any]) -> str:
     top = max_activation(records)
     lines = [t["header"]]
-    for tok, n in marked_counts(records, top, normalization, level)[: t["max_tokens"]]:
+    for tok, n in marked_counts(records, top, normalization, level, True)[: t["max_tokens"]]:
         excerpt = marked_excerpt(records, tok, top, normalization, level, t["before"],
                                  t["after"], marks)
         lines.append(t["line"].format(token=tok.replace("\n", marks["newline"]), count=n,

@@ -153,6 +153,11 @@ def test_category_prompt_shows_only_the_marked_tokens_with_an_excerpt() -> None:
                  '"dog" x1, as in: ...big <<cat>> and a <<dog>>....\n'
                  "\nWhat kind of token are they?"),
     )
+    # A unit that fires on newlines still has its tokens listed (escaped as in the excerpts).
+    newline = [ActivationRecord(["Hi", "\n", "Bye", "\n"], [0.0, 6.0, 0.0, 5.0])]
+    assert prompts.category_explain_messages(newline, "floor", 5, [])[-1][1] == (
+        "Tokens where the neuron fires, most frequent first:\n"
+        '"\\n" x2, as in: ...Hi<<\\n>>Bye<<\\n>>...\n\nWhat kind of token are they?')
     # By default the few-shot neurons are those of category_examples.json.
     msgs = prompts.category_explain_messages(target)
     assert [m[1] for m in msgs if m[0] == "assistant"] == [
