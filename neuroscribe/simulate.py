@@ -33,7 +33,9 @@ class SimulateConfig(LLMConfig):
 
     simulator: str = opt("embedding", "simulator: embedding (token match + MiniLM similarity), "
                          "tokens (token match only), openai (LLM, OpenAI's all-at-once prompt "
-                         "read through prompt logprobs) or json (LLM chat reply, no logprobs)")
+                         "read through prompt logprobs), json (LLM chat reply, no logprobs) or "
+                         "program (the LLM writes code from the explanation; the code runs in "
+                         "the sandbox on every record)")
     embed_weight: float = opt(0.5, "weight of the embedding similarity against a token match")
     embed_device: str = opt("cpu", "device of the sentence-embedding model")
     sim_top_logprobs: int = opt(15, "top logprobs read at each 'unknown' slot by the openai "
@@ -41,6 +43,13 @@ class SimulateConfig(LLMConfig):
     sim_batch_tokens: int = opt(0, "openai simulator: most record tokens filled in one prompt "
                                 "(0: one prompt per record, as OpenAI; more saves the "
                                 "few-shot part on every record after the first)")
+    program_tokens: int = opt(300, "program simulator: most tokens of the written code")
+    program_penalty: float = opt(0.3, "program simulator: frequency penalty, which stops a "
+                                 "small model from repeating one word list item forever")
+    program_repairs: int = opt(1, "program simulator: more tries, shown the error, for a "
+                               "program that fails on the probe text")
+    program_timeout: float = opt(10.0, "program simulator: sandbox seconds per call (all the "
+                                 "records of a unit)")
 
 
 class SimulationError(Exception):
@@ -146,4 +155,4 @@ def make_simulator(cfg: SimulateConfig) -> Simulator:
     return SIMULATORS[cfg.simulator](cfg)
 
 
-from . import simulate_llm  # noqa: E402,F401 - registers the LLM simulators in SIMULATORS
+from . import simulate_llm, simulate_program  # noqa: E402,F401 - register the LLM simulators

@@ -682,3 +682,38 @@ def test_scorers_without_logprobs_in_the_score_stage(cli_run: Path, tmp_path: Pa
     assert summary["classification"]["detection_balanced_accuracy"]["mean"] == 0.5
     stage = json.loads((out / "score.json").read_text())
     assert stage["llm_usage"]["score"]["calls"] == len(seen)
+
+
+def test_program_simulator_in_the_score_stage(cli_run: Path, tmp_path: Path) -> None:
+    """``--simulator program``: one code-writing call per unit, the code saved with the unit's
+    scores, and the simulation it gives (10 on the first quoted token) scored as usual."""
+    from test_llm_explain import FakeBackend
+
+    from neuroscribe.llm import Client, LLMConfig, Request, Response
+    from neuroscribe.simulate import SimulateConfig
+    from neuroscribe.simulate_program import ProgramSimulator
+
+    def reply(req: Request) -> Response:
+        word = re.findall(r'"([^"]+)"', req.messages[-1][1])[0]
+        code = (f"def activation(tokens):\n    return [10.0 if t.strip().lower() == {word!r} "
+                "else 0.0 for t in tokens]")
+        return Response(text=f"```python\n{code}\n```", prompt_tokens=100, completion_tokens=30)
+
+    out = tmp_path / "run"
+    shutil.copytree(cli_run, out, ignore=shutil.ignore_patterns(
+        "scores", "score.json", "index.sqlite", "summary.json", "score_hist.png"))
+    cfg = ScoreConfig(simulator="program")
+    sim = ProgramSimulator(SimulateConfig(simulator="program"),
+                           Client(FakeBackend(reply), LLMConfig(retries=0), None))
+    try:
+        score(cfg, out, sim=sim)
+    finally:
+        sim.close()
+    units = [e for e in explained(out) if '"' in e.get("explanation", "")]
+    assert units
+    for e in units:
+        detail = json.loads(score_path(out, e["hookpoint"], e["unit"], "scores").read_text())
+        word = re.findall(r'"([^"]+)"', e["explanation"])[0]
+        assert detail["simulator"] == "program" and repr(word) in detail["program"]
+    assert len(sim.client.backend.requests) == len({e["explanation"] for e in units})
+    assert sim.stats["programs"] == len({e["explanation"] for e in units})
