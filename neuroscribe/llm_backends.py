@@ -367,11 +367,9 @@ class HFBackend:
         return await asyncio.to_thread(self._run, req)
 
 
-CHECK = """import sys
-from llama_cpp import Llama
-llm = Llama(model_path=sys.argv[1], n_ctx=256, verbose=False, seed=0)
-print(repr(llm.create_completion(prompt="One, two,", max_tokens=4)["choices"][0]["text"]))
-"""
+CHECK = ("import sys; from llama_cpp import Llama; llm = Llama(model_path=sys.argv[1], "
+         "n_ctx=256, verbose=False, seed=0); print(repr(llm.create_completion("
+         "prompt='One, two,', max_tokens=4)['choices'][0]['text']))")
 
 
 def check_llama(model: str = "smollm2") -> int:
