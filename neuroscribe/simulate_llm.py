@@ -130,13 +130,19 @@ def parse_json_values(text: str, n: int) -> tuple[list[float], str]:
     nums = [float(x) for x in NUMBER.findall(body)]
     if n and not nums:
         raise SimulationError(f"the reply's list holds no numbers: {body[:80]!r}")
-    if len(nums) != n:
-        notes.append(f"{len(nums)} values for {n} tokens")
-    values = (nums + [0.0] * n)[:n]
+    return fit_values(nums, n, notes), "; ".join(notes) or "repaired"
+
+
+def fit_values(values: list[float], n: int, notes: list[str]) -> list[float]:
+    """``values`` padded with 0 or cut to ``n`` and clamped to 0-10; what changed is appended
+    to ``notes``."""
+    if len(values) != n:
+        notes.append(f"{len(values)} values for {n} tokens")
+    values = (values + [0.0] * n)[:n]
     clamped = [min(10.0, max(0.0, v)) for v in values]
     if clamped != values:
         notes.append("clamped to 0-10")
-    return clamped, "; ".join(notes) or "repaired"
+    return clamped
 
 
 class LLMSimulator:

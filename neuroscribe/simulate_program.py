@@ -27,7 +27,7 @@ from .llm import Request
 from .prompts import Messages, load
 from .sandbox import SandboxConfig, Worker
 from .simulate import SIMULATORS, SimulateConfig, SimulationError, point_simulation
-from .simulate_llm import LLMSimulator
+from .simulate_llm import LLMSimulator, fit_values
 
 ENTRY = "activation"
 CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.S)
@@ -73,12 +73,7 @@ def coerce_values(output: Any, n: int) -> tuple[list[float], str]:
         if not isinstance(v, (int, float)):
             raise SimulationError(f"{ENTRY}() returned a list holding {type(v).__name__}")
         values.append(float(v))
-    if len(values) != n:
-        notes.append(f"{len(values)} values for {n} tokens")
-        values = (values + [0.0] * n)[:n]
-    clamped = [min(10.0, max(0.0, v)) for v in values]
-    if clamped != values:
-        notes.append("clamped to 0-10")
+    clamped = fit_values(values, n, notes)
     return clamped, "; ".join(dict.fromkeys(notes))
 
 
