@@ -40,6 +40,7 @@ from .find_tools import (
     use_fit,
 )
 from .llm import Client, Request
+from .sandbox import fenced_code
 
 MAX_OBSERVATIONS = 60  # observation lines shown per prompt (the most recent ones)
 MAX_VIOLATIONS = 3  # consecutive replies with neither CALL nor FINAL before giving up
@@ -149,10 +150,10 @@ def parse_final(text: str, category: str) -> Answer | None:
         return None
     desc = re.search(r"DESCRIPTION:\s*(.+)", text)
     dom = re.search(r"DOMAIN:\s*(.+)", text)
-    code_m = re.search(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", text, re.S)
+    code = fenced_code(text)
     ans = Answer(description=desc.group(1).strip() if desc else "",
                  interval=parse_interval(dom.group(1)) if dom else None,
-                 code=code_m.group(1).strip() + "\n" if code_m else "")
+                 code=code + "\n" if code is not None else "")
     if not ans.description:
         ans.failure = "the final answer has no description"
     if category in CODE_CATEGORIES:

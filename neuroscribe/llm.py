@@ -64,7 +64,9 @@ class Request:
     prompt: str = ""
     max_tokens: int = 256
     temperature: float = 0.0
-    frequency_penalty: float = 0.0  # OpenAI's: lowers a token's logit by this per repeat
+    # OpenAI's: lowers a token's logit by this per repeat (llamacpp and OpenAI-compatible
+    # servers; the hf and anthropic backends have no such parameter and ignore it)
+    frequency_penalty: float = 0.0
     seed: int = 0
     top_logprobs: int = 0  # top-k logprobs of each generated token
     prompt_logprobs: int = 0  # top-k logprobs of each prompt token (echo), for simulators

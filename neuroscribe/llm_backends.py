@@ -354,8 +354,6 @@ class HFBackend:
             out = model.generate(ids, max_new_tokens=req.max_tokens,
                                  do_sample=req.temperature > 0,
                                  temperature=req.temperature or None,
-                                 # transformers has a multiplicative penalty: a rough match
-                                 repetition_penalty=1.0 + req.frequency_penalty,
                                  pad_token_id=tok.eos_token_id)
         new = out[0, ids.shape[1]:]
         text = tok.decode(new, skip_special_tokens=True)

@@ -109,9 +109,9 @@ def check(cfg: PuzzleConfig, make_simulator: Any, make_explainer: Any) -> dict[s
         report["scorer"][name] = {"true_ranks_first": len(wins), "solved": wins,
                                   "scores": per, "failures": failures,
                                   "seconds": round(time.perf_counter() - t0, 1)}
-        if isinstance(getattr(sim, "programs", None), dict):  # the program simulator's code
-            report["scorer"][name]["programs"] = {k: v if isinstance(v, str) else None
-                                                  for k, v in sim.programs.items()}
+        if (program_of := getattr(sim, "program_of", None)) is not None:  # simulator's code
+            report["scorer"][name]["programs"] = {
+                e: program_of(e) for p in puzzles for e in [p.explanation, *p.false_explanations]}
     embed = Embedder()
     for name in [e for e in cfg.explainers.split(",") if e]:
         explainer, t0 = make_explainer(name), time.perf_counter()

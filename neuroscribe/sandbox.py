@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from typing import Any
 from .runs import opt
 
 CHILD = str(Path(__file__).with_name("sandbox_child.py"))
+FENCED = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.S)
 CLONE_NEWNET = 0x40000000
 NOBODY = 65534
 
@@ -144,6 +147,7 @@ class Worker:
         self.root = ""
         self.buf = b""
         self.restarts = 0
+        self._reaper: weakref.finalize | None = None
 
     def _start(self) -> None:
         self.root = tempfile.mkdtemp(prefix="neuroscribe-sandbox-")
@@ -155,6 +159,9 @@ class Worker:
             stderr=subprocess.PIPE, cwd=self.root, env=_env(self.root, self.extra_env),
             preexec_fn=_preexec(self.cfg, uid), close_fds=True)  # noqa: PLW1509
         self.buf = b""
+        # An owner that never calls close (or dies of an exception) still leaves no process
+        # and no folder behind: this runs when the Worker is collected or Python exits.
+        self._reaper = weakref.finalize(self, _reap, self.proc, self.root)
 
     def _read_line(self, deadline: float) -> bytes | None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -222,6 +229,9 @@ class Worker:
         if self.root:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = ""
+        if self._reaper is not None:
+            self._reaper.detach()
+            self._reaper = None
         return rc, stderr
 
     def __enter__(self) -> Worker:
@@ -229,6 +239,22 @@ class Worker:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _reap(proc: subprocess.Popen[bytes], root: str) -> None:
+    """What ``Worker.close`` does, for a Worker nobody closed."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def fenced_code(text: str) -> str | None:
+    """The first fenced code block of an LLM reply, stripped (a block cut off by the token
+    limit is kept), or None when the reply has none."""
+    m = FENCED.search(text)
+    return m.group(1).strip() if m else None
 
 
 def run_code(code: str, inputs: list[Any], cfg: SandboxConfig | None = None,

@@ -702,7 +702,7 @@ def test_program_simulator_in_the_score_stage(cli_run: Path, tmp_path: Path) -> 
     out = tmp_path / "run"
     shutil.copytree(cli_run, out, ignore=shutil.ignore_patterns(
         "scores", "score.json", "index.sqlite", "summary.json", "score_hist.png"))
-    cfg = ScoreConfig(simulator="program")
+    cfg = ScoreConfig(simulator="program", calibrate=False)  # saved values = program output
     sim = ProgramSimulator(SimulateConfig(simulator="program"),
                            Client(FakeBackend(reply), LLMConfig(retries=0), None))
     try:
@@ -715,5 +715,13 @@ def test_program_simulator_in_the_score_stage(cli_run: Path, tmp_path: Path) -> 
         detail = json.loads(score_path(out, e["hookpoint"], e["unit"], "scores").read_text())
         word = re.findall(r'"([^"]+)"', e["explanation"])[0]
         assert detail["simulator"] == "program" and repr(word) in detail["program"]
+        # the saved simulations are the program's output: 10 exactly on that word
+        saved = json.loads(score_path(out, e["hookpoint"], e["unit"]).read_text())
+        seqs = saved["scored_explanations"][0]["scored_simulation"]["scored_sequence_simulations"]
+        assert seqs
+        for seq in seqs:
+            sim_ = seq["simulation"]
+            assert sim_["expected_activations"] == [
+                10.0 if t.strip().lower() == word else 0.0 for t in sim_["tokens"]]
     assert len(sim.client.backend.requests) == len({e["explanation"] for e in units})
     assert sim.stats["programs"] == len({e["explanation"] for e in units})

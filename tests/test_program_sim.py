@@ -199,3 +199,28 @@ def test_llama_check_reports_a_crashing_build(tmp_path: Path, monkeypatch: pytes
     assert "Rebuild it for this CPU" in capsys.readouterr().err
     monkeypatch.setattr(llm_backends, "CHECK", "print('ok')")
     assert llm_backends.check_llama(str(gguf)) == 0
+
+
+def test_puzzle_check_reports_programs_and_failures(tmp_path: Path) -> None:
+    from neuroscribe.puzzles import PuzzleConfig, check
+
+    raw = {"of": {"name": "of", "explanation": 'positions following "of"',
+                  "false_explanations": ["common words"],
+                  "sentences": [[" of", [" your", 10], " cat"], [" all", " of", [" us", 9]]]}}
+    path = tmp_path / "puzzles.json"
+    path.write_text(json.dumps(raw))
+
+    def reply(req: Request) -> Response:
+        return Response(text=AFTER_OF if "following" in req.messages[-1][1] else "no code")
+
+    sim = _sim(tmp_path, reply, program_repairs=0)
+    try:
+        report = check(PuzzleConfig(puzzles=str(path), simulators="program", explainers="",
+                                    out=str(tmp_path / "out")), lambda name: sim, None)
+    finally:
+        sim.close()
+    got = report["scorer"]["program"]
+    assert got["true_ranks_first"] == 1 and got["scores"]["of"][1] == -1.0
+    assert got["programs"] == {'positions following "of"': extract_code(AFTER_OF),
+                               "common words": None}
+    assert list(got["failures"]) == ["common words"]
