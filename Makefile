@@ -48,7 +48,7 @@ demo-baseline: install
 	rm -rf $(DEMO)-baseline
 	$(PY) -m neuroscribe run --out $(DEMO)-baseline --max-tokens 100000 --units first:100
 
-test: install
+test: install $(QWEN)
 	$(PY) -m ruff check neuroscribe tests bench
 	$(PY) -m pytest -q
 

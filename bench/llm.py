@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroscribe.classify import SCORERS as CLASSIFIERS
+from neuroscribe.classify import ClassifyError, HeldOut
 from neuroscribe.explain import EXPLAINERS, ExplainConfig, ExplanationError, explain
 from neuroscribe.llm import Client, LLMConfig, Request
 from neuroscribe.llm_backends import LlamaCppBackend
@@ -73,6 +74,7 @@ async def ours(backend: Any, llm: dict[str, Any], nr: Any) -> dict[str, dict[str
     """Tokens spent per explainer (explain) and per scorer (score) on one unit."""
     train = nr.top_split("train", 5)
     held = nr.top_split("valid", 5) + nr.random_split("valid", 5)
+    held_out = HeldOut(tuple(nr.top_split("valid", 5)), tuple(nr.random_split("valid", 5)))
     out: dict[str, dict[str, Any]] = {"explain": {}, "score": {}, "explanations": {}}
     explanation = ""
     for name in EXPLAINER_NAMES:
@@ -92,10 +94,10 @@ async def ours(backend: Any, llm: dict[str, Any], nr: Any) -> dict[str, dict[str
         client = Client(backend, sc, None)
         try:  # a reply that cannot be used spent its tokens all the same
             if name in CLASSIFIERS:
-                await CLASSIFIERS[name](sc, client).score(explanation, held)
+                await CLASSIFIERS[name](sc, client).score(explanation, held_out)
             else:
                 await simulate_records(SIMULATORS[name](sc, client), explanation, held)
-        except SimulationError as e:
+        except (SimulationError, ClassifyError) as e:
             out.setdefault("score_failures", {})[label] = str(e)
         out["score"][label] = tokens_of(client)
     return out

@@ -39,12 +39,13 @@ class ActsConfig:
     eval_tokens: int = opt(8192, "held-out tokens (the corpus' first contexts), never trained on")
 
 
-def model_chunks(cfg: ActsConfig, skip_contexts: int = 0) -> Iterator[Any]:
-    """``[tokens, d_in]`` float32 chunks, one per forward pass, in corpus order."""
+def model_chunks(cfg: ActsConfig, skip_contexts: int = 0, device: str = "cpu") -> Iterator[Any]:
+    """``[tokens, d_in]`` float32 chunks, one per forward pass, in corpus order. The subject
+    model runs on ``device`` (the training device), and the chunks stay there."""
     from .corpus import iter_contexts, iter_texts
     from .models import capture, load_subject, resolve_hookpoints
 
-    subject = load_subject(cfg.model)
+    subject = load_subject(cfg.model, device=device)
     hps = resolve_hookpoints(subject.model, [cfg.hookpoint])
     if len(hps) != 1:
         raise UserError(f"SAE training needs one hookpoint; {cfg.hookpoint!r} matches {len(hps)}")
@@ -67,8 +68,9 @@ def _acts(model: Any, batch: list[list[int]], store: dict[str, Any], hp: str,
           skip_first: bool) -> Any:
     from .models import run_to_hooks
 
+    ids = torch.tensor(batch, device=next(model.parameters()).device)
     with torch.inference_mode():
-        a = run_to_hooks(model, torch.tensor(batch), store)[hp].float()
+        a = run_to_hooks(model, ids, store)[hp].float()
     a = a[:, 1:] if skip_first else a
     return a.reshape(-1, a.shape[-1]).clone()  # a normal tensor, outside inference mode
 
@@ -121,7 +123,7 @@ def write_store(chunks: Iterator[Any], folder: Path, shard_tokens: int = 262_144
     pending: list[Any] = []
 
     def flush() -> None:
-        x = torch.cat(pending).contiguous()
+        x = torch.cat(pending).cpu().contiguous()
         with atomic_path(folder / f"{len(sizes):05d}.safetensors") as tmp:
             save_file({"acts": x}, str(tmp))
         sizes.append(len(x))

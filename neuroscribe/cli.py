@@ -148,6 +148,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
 # Modules that register their own sub-commands: each has ``add_cli(sub)``, which adds parsers
 # with ``set_defaults(func=...)``. Their top level imports only the standard library.
 PLUGINS: list[str] = ["neuroscribe.planted", "neuroscribe.viewer", "neuroscribe.find_eval",
+                      "neuroscribe.check_simulator",
                       "neuroscribe.vision"]
 
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from .errors import UserError
 from .formats import SPLITS_RANDOM, ActivationRecord
 from .llm import LLMConfig, usage_of
+from .registry import Registry
 from .runs import claim_stage, opt, parse_units, save_stage, write_json
 from .score import NORMALIZATIONS, max_activation, normalize_activations
 
@@ -136,7 +137,11 @@ class TokenStatsExplainer:
         return [sentence]
 
 
-EXPLAINERS: dict[str, type] = {"tokens": TokenStatsExplainer}
+EXPLAINERS = Registry({"tokens": TokenStatsExplainer, **{
+    name: f"neuroscribe.explain_llm:{cls}" for name, cls in (
+        ("openai", "OpenAIExplainer"), ("highlight", "HighlightExplainer"),
+        ("summary", "SummaryExplainer"), ("category", "CategoryExplainer"),
+        ("contrastive", "ContrastiveExplainer"))}})
 
 
 def make_explainer(cfg: ExplainConfig) -> Explainer:
@@ -208,6 +213,3 @@ async def _explain_units(cfg: ExplainConfig, run_dir: Path, store: Any, explaine
         return list(await asyncio.gather(*[one(hp, u) for hp, u in todo]))
     finally:
         bar.close()
-
-
-from . import explain_llm  # noqa: E402,F401 - registers the LLM explainers in EXPLAINERS

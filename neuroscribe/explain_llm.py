@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import UserError
-from .explain import EXPLAINERS, ExplainConfig, ExplanationError
+from .explain import ExplainConfig, ExplanationError
 from .formats import ActivationRecord
 from .llm import Client, LLMError, Request, make_client
 from .prompts import (
@@ -242,10 +242,3 @@ class ContrastiveExplainer(LLMExplainer):
         silent = silent_records(background, max_activation(train), cfg.normalization,
                                 cfg.active_level)[: cfg.max_negatives]
         return contrastive_explain_messages(train, silent, cfg.normalization, cfg.active_level)
-
-
-LLM_EXPLAINERS: dict[str, type] = {"openai": OpenAIExplainer, "highlight": HighlightExplainer,
-                                   "summary": SummaryExplainer,
-                                   "category": CategoryExplainer,
-                                   "contrastive": ContrastiveExplainer}
-EXPLAINERS.update(LLM_EXPLAINERS)

@@ -49,8 +49,8 @@ class SuiteConfig:
     n_numeric: int = opt(60, "numeric functions")
     n_string: int = opt(20, "string transformations")
     n_entity: int = opt(10, "synthetic entity neurons")
-    puzzles: str = opt("../shared/data/puzzles/puzzles.json",
-                       "OpenAI's puzzles.json for the token-activation category ('' to skip)")
+    puzzles: str = opt("packaged", "OpenAI's puzzles.json for the token-activation category "
+                       "('packaged': the copy shipped with neuroscribe; '' to skip)")
     p_composition: float = opt(0.5, "fraction of numeric functions that are a sum or product")
     p_corrupt: float = opt(1.0, "fraction of numeric functions with a corrupted interval")
     p_noise: float = opt(1.0, "fraction of numeric functions with noise")
@@ -248,7 +248,7 @@ def make_suite(cfg: SuiteConfig) -> list[FindFunction]:
     fns += [entity_function(random.Random(f"{cfg.seed}-entity-{i}"), i, cfg)
             for i in range(cfg.n_entity)]
     if cfg.puzzles:
-        if not Path(cfg.puzzles).is_file():
+        if cfg.puzzles != "packaged" and not Path(cfg.puzzles).is_file():
             raise UserError(f"puzzles file not found: {cfg.puzzles} (pass --puzzles '' to skip)")
         fns += puzzle_functions(cfg.puzzles)
     return fns

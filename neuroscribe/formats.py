@@ -53,6 +53,23 @@ def interleaved_slices(splits: tuple[str, ...], n_per_split: int) -> dict[str, s
     return {s: slice(i, n_per_split * stride, stride) for i, s in enumerate(splits)}
 
 
+def _split_of(recs: list[ActivationRecord], splits: tuple[str, ...], name: str,
+              n_per_split: int | None, what: str, who: str) -> list[ActivationRecord]:
+    """One split of ``recs``; asking for more records than exist is an error (OpenAI's
+    neuron-explainer asserts it), never a silently smaller split."""
+    from .errors import UserError
+
+    n = len(recs) // len(splits) if n_per_split is None else n_per_split
+    if n < 0:
+        raise UserError(f"records per split must not be negative, got {n}")
+    if n * len(splits) > len(recs):
+        raise UserError(f"{who}: asked for {n} {what} records per split ({n * len(splits)} "
+                        f"for the {len(splits)} splits {'/'.join(splits)}) but only {len(recs)} "
+                        f"exist; ask for at most {len(recs) // len(splits)} per split "
+                        "(--n-per-split)")
+    return recs[interleaved_slices(splits, n)[name]]
+
+
 @_register
 @dataclass(frozen=True)
 class NeuronRecord:
@@ -76,16 +93,18 @@ class NeuronRecord:
         return top if name == "train" else top + self.random_split(name, n_per_split)
 
     def top_split(self, name: str, n_per_split: int | None = None) -> list[ActivationRecord]:
-        recs = self.most_positive_activation_records
-        n = len(recs) // len(SPLITS_TOP) if n_per_split is None else n_per_split
-        return recs[interleaved_slices(SPLITS_TOP, n)[name]]
+        return _split_of(self.most_positive_activation_records, SPLITS_TOP, name, n_per_split,
+                         "top-activating", self._who)
 
     def random_split(self, name: str, n_per_split: int | None = None) -> list[ActivationRecord]:
         if name == "train":
             return []
-        recs = self.random_sample
-        n = len(recs) // len(SPLITS_RANDOM) if n_per_split is None else n_per_split
-        return recs[interleaved_slices(SPLITS_RANDOM, n)[name]]
+        return _split_of(self.random_sample, SPLITS_RANDOM, name, n_per_split,
+                         "random", self._who)
+
+    @property
+    def _who(self) -> str:
+        return f"layer {self.neuron_id.layer_index} unit {self.neuron_id.neuron_index}"
 
 
 @_register

@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import UserError
 from .runs import atomic_path, write_json
-from .stats import Moments
+from .stats import Moments, bin_scores, derived_generator
 
 SPILL = np.dtype([("ctx", "<i4"), ("pos", "<i4"), ("latent", "<i4"), ("value", "<f4")])
 BLOCK = 1 << 20  # spill rows read at a time (16 MiB)
@@ -224,7 +224,7 @@ class _Batch(NamedTuple):
     value: Any  # [nnz]
     n_pos: int  # positions in the batch (B x T)
     ctx_max: Any  # [B, U]
-    keys: Any  # [B, U] random keys
+    keys: Any  # [B, U] the quantile bins' random keys
     ctx: Any  # [B]
 
 
@@ -232,16 +232,19 @@ class LatentRecorder:
     """``UnitRecorder``'s statistics and exemplars for SAE latents, from their non-zeros only.
 
     The same semantics, except that a latent's top records are contexts where it is active
-    (fewer than n_top when it rarely is). Random keys come from ``gen`` in the same order as in
-    ``UnitRecorder``, so both draw the same random and quantile-bin samples.
+    (fewer than n_top when it rarely is). Random keys come from ``gen`` and ``bin_gen`` in the
+    same order as in ``UnitRecorder``, so both draw the same random and quantile-bin samples.
     """
 
-    def __init__(self, hookpoint: str, n_units: int, cfg: Any, gen: Any, folder: Path) -> None:
+    def __init__(self, hookpoint: str, n_units: int, cfg: Any, gen: Any, folder: Path,
+                 bin_gen: Any = None) -> None:
         import torch
 
-        from .record import QUANTILES
+        from .record import BIN_STREAM, QUANTILES
 
         self.hookpoint, self.n_units, self.cfg, self.gen = hookpoint, n_units, cfg, gen
+        self.bin_gen = (derived_generator(gen.initial_seed(), BIN_STREAM) if bin_gen is None
+                        else bin_gen)
         self.n_bins = len(QUANTILES) - 1
         self.quantiles = torch.tensor(QUANTILES, dtype=torch.float64)
         self.cache = LatentCache(folder, n_units, cfg.ctx_len, cfg.latent_splits)
@@ -276,8 +279,8 @@ class LatentRecorder:
         if self.boundaries is not None:
             self._histogram(lat, val, n_pos)
         self.top.update(torch.where(count > 0, ctx_max, -math.inf).T, ctx)
-        keys = torch.rand(ctx_max.shape, generator=self.gen)
-        self.random.update(keys.T, ctx)
+        self.random.update(torch.rand(ctx_max.shape, generator=self.gen).T, ctx)
+        keys = torch.rand(ctx_max.shape, generator=self.bin_gen)  # the bins' own
         self.moments.merge(*self._moments(lat, val, n_pos))
         batch = _Batch(lat, val, n_pos, ctx_max, keys, ctx)
         if self.boundaries is None:
@@ -343,14 +346,8 @@ class LatentRecorder:
             self._bin_samples(w)
 
     def _bin_samples(self, w: _Batch) -> None:
-        """The random samples per quantile bin: a context's key competes only in its bin."""
-        import torch
-
-        b = self.boundaries.T[:, :, None]  # [Q, U, 1]
-        cm = w.ctx_max.T  # [U, B]
-        inside = (cm >= b[:-1]) & (cm < b[1:])  # [bins, U, B]
-        scores = torch.where(inside, w.keys.T, -math.inf)
-        self.bins.update(scores.reshape(self.n_bins * self.n_units, -1), w.ctx)
+        """The random samples per quantile bin (``UnitRecorder._bin_samples``)."""
+        self.bins.update(bin_scores(self.boundaries, w.ctx_max, w.keys), w.ctx)
 
     def _exemplar_ctx(self, lo: int, hi: int, top: Any, rnd: Any, bins: Any) -> dict[str, Any]:
         """Context ids per record kind for latents lo..hi-1; random ones skip top contexts."""

@@ -52,8 +52,9 @@ class LLMConfig:
     price_out: float = opt(0.0, "USD per million completion tokens, for cost accounting")
 
 
-KEY_IF_SET = {"frequency_penalty"}  # newer fields: in the cache key only when set, so the
-# keys of requests cached before they existed stay valid
+# Newer fields: in the cache key only when set, so the keys of requests cached before they
+# existed stay valid.
+KEY_IF_SET = {"frequency_penalty", "segments", "values", "fill"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,12 @@ class Request:
     top_logprobs: int = 0  # top-k logprobs of each generated token
     prompt_logprobs: int = 0  # top-k logprobs of each prompt token (echo), for simulators
     stop: tuple[str, ...] = ()
+    # Value reading (backends with ``reads_values``, see value_read.py): segment i is the text
+    # before slot i; each slot's probabilities over ``values`` come back in ``value_probs``;
+    # ``fill`` is written into a slot before the next is read ("self": its expected value).
+    segments: tuple[str, ...] = ()
+    values: tuple[str, ...] = ()
+    fill: str = ""
     stage: str = field(default="", compare=False)  # for accounting only, not part of the key
 
     def key(self, provider: str, model: str) -> str:
@@ -87,6 +94,7 @@ class Response:
     completion_tokens: int = 0
     tokens: list[str] = field(default_factory=list)  # echoed prompt tokens, then generated
     top_logprobs: list[dict[str, float]] = field(default_factory=list)  # one per token
+    value_probs: list[list[float]] = field(default_factory=list)  # one per slot, per value
     cached: bool = False
 
 
@@ -228,7 +236,7 @@ BACKENDS: dict[str, str] = {
     "llamacpp": "neuroscribe.llm_backends:LlamaCppBackend",
     "openai": "neuroscribe.llm_backends:OpenAIBackend",
     "anthropic": "neuroscribe.llm_backends:AnthropicBackend",
-    "hf": "neuroscribe.llm_backends:HFBackend",
+    "hf": "neuroscribe.llm_hf:HFBackend",
 }
 
 

@@ -88,6 +88,7 @@ class LlamaCppBackend:
     thread-safe); the event loop stays free while it runs in a worker thread."""
 
     name = "llamacpp"
+    reads_values = True  # full logits through a KV cache (value_read.py)
     stoppable = False  # a call in its worker thread runs to the end: the client sets no timeout
 
     def __init__(self, cfg: LLMConfig) -> None:
@@ -126,8 +127,21 @@ class LlamaCppBackend:
         return Response(text="", prompt_tokens=len(toks), completion_tokens=0,
                         tokens=[self._detok(t) for t in toks], top_logprobs=tops)
 
+    def _read_values(self, req: Request) -> Response:
+        from .value_read import LlamaLM, read_request
+
+        def tokenize(s: str) -> list[int]:
+            return self.llm.tokenize(s.encode("utf-8"), add_bos=False, special=True)
+
+        cached = self.llm.input_ids[: self.llm.n_tokens].tolist()
+        probs, n = read_request(LlamaLM(self.llm), tokenize, cached, req.segments, req.values,
+                                req.fill)
+        return Response(text="", prompt_tokens=n, value_probs=probs)
+
     def _run(self, req: Request) -> Response:
         with self.lock:
+            if req.segments:
+                return self._read_values(req)
             if req.prompt_logprobs:
                 return self._prompt_logprobs(req)
             kw: dict[str, Any] = dict(max_tokens=req.max_tokens, temperature=req.temperature,
@@ -315,54 +329,6 @@ class AnthropicBackend(_HTTPBackend):
                             completion_tokens=int(usage.get("output_tokens", 0)))
         except (KeyError, TypeError) as e:
             raise Retryable(f"malformed reply: missing {e}") from e
-
-
-class HFBackend:
-    """A local transformers causal LM (chat template when the tokenizer has one)."""
-
-    name = "hf"
-    stoppable = False
-
-    def __init__(self, cfg: LLMConfig) -> None:
-        from .models import load_subject
-
-        self.model = cfg.llm_model
-        self.subject = load_subject(cfg.llm_model)
-        self.lock = threading.Lock()  # one call at a time, in a thread
-
-    def _run(self, req: Request) -> Response:
-        import torch
-
-        tok, model = self.subject.tokenizer, self.subject.model
-        if req.messages and getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template([{"role": r, "content": c} for r, c in req.messages],
-                                          add_generation_prompt=True, return_tensors="pt")
-            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-        else:
-            text = req.prompt or "\n\n".join(c for _, c in req.messages)
-            ids = tok(text, return_tensors="pt").input_ids
-        with self.lock, torch.inference_mode():
-            torch.manual_seed(req.seed)
-            if req.prompt_logprobs:
-                logits = model(ids).logits[0].float().log_softmax(-1)
-                tops: list[dict[str, float]] = [{}]
-                for row in logits[:-1]:
-                    v, i = row.topk(req.prompt_logprobs)
-                    tops.append({tok.decode([int(j)]): float(x) for x, j in zip(v, i)})
-                return Response(text="", prompt_tokens=ids.shape[1],
-                                tokens=[tok.decode([int(t)]) for t in ids[0]], top_logprobs=tops)
-            out = model.generate(ids, max_new_tokens=req.max_tokens,
-                                 do_sample=req.temperature > 0,
-                                 temperature=req.temperature or None,
-                                 pad_token_id=tok.eos_token_id)
-        new = out[0, ids.shape[1]:]
-        text = tok.decode(new, skip_special_tokens=True)
-        for s in req.stop:
-            text = text.split(s)[0]
-        return Response(text=text, prompt_tokens=ids.shape[1], completion_tokens=len(new))
-
-    async def complete(self, req: Request) -> Response:
-        return await asyncio.to_thread(self._run, req)
 
 
 CHECK = ("import sys; from llama_cpp import Llama; llm = Llama(model_path=sys.argv[1], "

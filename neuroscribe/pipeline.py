@@ -153,7 +153,8 @@ def score(cfg: ScoreConfig, run_dir: Path, resume: bool = False,
     counts = asyncio.run(_score_units(cfg, run_dir, store, sim, scorers, todo, resume))
     save_stage(run_dir, "score", cfg, complete=True, **counts,
                llm_usage=usage_of(sim, *scorers.values()),
-               simulator_stats=dict(getattr(sim, "stats", {})))
+               simulator_stats=sim.report() if hasattr(sim, "report")
+               else dict(getattr(sim, "stats", {})))
     if counts["failed"]:
         log.warning("score: %d units failed to simulate (see 'failure' in scores/*.scores.json)",
                     counts["failed"])

@@ -45,6 +45,7 @@ class FewShotNeuron:
     explanation: str
     records: tuple[ActivationRecord, ...]
     negatives: tuple[ActivationRecord, ...] = ()
+    first_revealed: tuple[int, ...] = ()  # per record: tokens before it read "unknown"
 
 
 def _records(raw: list[dict[str, Any]]) -> tuple[ActivationRecord, ...]:
@@ -56,8 +57,8 @@ def few_shot_neurons(name: str = "examples") -> tuple[FewShotNeuron, ...]:
     """The invented neurons of ``data/prompts/{name}.json``: ``examples`` for the openai,
     highlight and contrastive explainers, ``summary_examples`` for the summary explainer."""
     return tuple(FewShotNeuron(n["explanation"], _records(n["records"]),
-                               _records(n.get("negatives", [])))
-                 for n in load(name)["neurons"])
+                               _records(n.get("negatives", [])),
+                               tuple(n.get("first_revealed", ()))) for n in load(name)["neurons"])
 
 
 def _examples(examples: Sequence[FewShotNeuron] | None,
@@ -77,19 +78,27 @@ def _blocks(lines: Sequence[Sequence[tuple[str, str]]]) -> str:
 
 
 def format_records(records: Sequence[ActivationRecord], max_act: float,
-                   normalization: str = "floor", omit_zeros: bool = False) -> str:
-    """Records as ``token<tab>activation`` lines with activations normalised to 0-10."""
+                   normalization: str = "floor", omit_zeros: bool = False,
+                   first_revealed: Sequence[int] = ()) -> str:
+    """Records as ``token<tab>activation`` lines with activations normalised to 0-10; the
+    tokens of record i before ``first_revealed[i]`` read "unknown" (OpenAI's few-shot
+    format for the all-at-once simulator)."""
+    unknown = load("common")["records"]["unknown"]
     lines = []
-    for r in records:
+    for i, r in enumerate(records):
         levels = normalize_activations(r.activations, max_act, normalization)
-        lines.append([(t, str(v)) for t, v in zip(r.tokens, levels) if v > 0 or not omit_zeros])
+        hide = first_revealed[i] if i < len(first_revealed) else 0
+        lines.append([(t, unknown if j < hide else str(v))
+                      for j, (t, v) in enumerate(zip(r.tokens, levels))
+                      if v > 0 or not omit_zeros])
     return _blocks(lines)
 
 
-def format_unknown(sequences: Sequence[Sequence[str]]) -> str:
-    """Token sequences as ``token<tab>unknown`` lines: the slots a simulator fills."""
-    unknown = load("common")["records"]["unknown"]
-    return _blocks([[(t, unknown) for t in tokens] for tokens in sequences])
+def format_unknown(sequences: Sequence[Sequence[str]], marker: str = "") -> str:
+    """Token sequences as ``token<tab>marker`` lines (default "unknown"): the slots a
+    simulator fills."""
+    marker = marker or load("common")["records"]["unknown"]
+    return _blocks([[(t, marker) for t in tokens] for tokens in sequences])
 
 
 def nonzero_proportion(records: Sequence[ActivationRecord], max_act: float,
@@ -347,9 +356,12 @@ def openai_simulate_prompt(explanation: str, tokens: Sequence[str],
 
 def openai_simulate_prompt_many(explanation: str, sequences: Sequence[Sequence[str]],
                                 examples: Sequence[FewShotNeuron] | None = None,
-                                normalization: str = "floor") -> str:
+                                normalization: str = "floor", marker: str = "",
+                                reveal: bool = True) -> str:
     """The same prompt with several sequences to fill at once (the few-shot part is paid once
-    per prompt instead of once per sequence)."""
+    per prompt instead of once per sequence). ``marker`` fills the slots (default
+    "unknown"); ``reveal`` hides each few-shot record's tokens before its first revealed
+    index behind "unknown", as OpenAI's few-shot set does."""
     t, prefix = load("openai")["simulate"], load("common")["prefix"]
     shots = _examples(examples)
     parts = [t["system"]]
@@ -357,11 +369,27 @@ def openai_simulate_prompt_many(explanation: str, sequences: Sequence[Sequence[s
         parts.append(t["explanation"].format(index=i + 1, prefix=prefix,
                                              explanation=ex.explanation))
         parts.append(t["activations"].format(records=format_records(
-            ex.records, max_activation(ex.records), normalization)))
+            ex.records, max_activation(ex.records), normalization,
+            first_revealed=ex.first_revealed if reveal else ())))
     n = len(shots) + 1
     parts.append(t["explanation"].format(index=n, prefix=prefix, explanation=explanation.strip()))
-    parts.append(t["target"].format(records=format_unknown(sequences)))
+    parts.append(t["target"].format(records=format_unknown(sequences, marker)))
     return "".join(parts)
+
+
+SLOT = "\x00"  # stands in for a slot while the prompt is cut into segments
+
+
+def openai_simulate_segments(explanation: str, sequences: Sequence[Sequence[str]],
+                             examples: Sequence[FewShotNeuron] | None = None,
+                             normalization: str = "floor", reveal: bool = False) -> list[str]:
+    """The openai simulation prompt cut at its slots: segment i is the text before slot i
+    (segment 0 holds the whole few-shot part). For backends that read values slot by slot."""
+    if any(SLOT in tok for tokens in sequences for tok in tokens):
+        raise ValueError("a token holds a NUL character, which marks the slots")
+    text = openai_simulate_prompt_many(explanation, sequences, examples, normalization,
+                                       marker=SLOT, reveal=reveal)
+    return text.split(SLOT)[:-1]
 
 
 def _json_user(explanation: str, tokens: Sequence[str], t: dict[str, Any], prefix: str) -> str:

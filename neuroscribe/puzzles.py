@@ -1,7 +1,8 @@
 """OpenAI's neuron puzzles: check scorers and explainers against a known true explanation.
 
 Each puzzle has token activations, a true explanation and false ones
-(``puzzles.json`` from openai/automated-interpretability; this project reads it, never ships it).
+(``puzzles.json`` from openai/automated-interpretability, MIT; shipped as package data with its
+license in ``data/puzzles/``).
 
 - Scorer check: simulate every explanation on the puzzle's records and count the puzzles where
   the true explanation scores highest (correlation over all tokens).
@@ -24,6 +25,8 @@ from .runs import opt, write_json
 from .score import correlation_score, flatten
 from .simulate import simulate_records
 
+PACKAGED = "packaged"  # OpenAI's puzzles.json as shipped in data/puzzles
+
 
 @dataclass(frozen=True)
 class Puzzle:
@@ -37,7 +40,8 @@ class Puzzle:
 class PuzzleConfig:
     """Which puzzles, simulators and explainers to check."""
 
-    puzzles: str = opt("../shared/data/puzzles/puzzles.json", "path of OpenAI's puzzles.json")
+    puzzles: str = opt(PACKAGED, "path of a puzzles.json in OpenAI's format (default: OpenAI's "
+                       "19 puzzles, shipped with neuroscribe)")
     simulators: str = opt("tokens,embedding", "comma-separated simulators to rank explanations")
     explainers: str = opt("tokens", "comma-separated explainers to check")
     out: str = opt("runs/puzzles", "folder for puzzles.json report and table")
@@ -45,10 +49,15 @@ class PuzzleConfig:
 
 def load_puzzles(path: str | Path) -> list[Puzzle]:
     """Sentences are token lists where an activating token is ``[token, activation]``."""
-    p = Path(path)
-    if not p.is_file():
+    if path in ("", PACKAGED):
+        from importlib import resources
+
+        raw = json.loads(resources.files("neuroscribe").joinpath(
+            "data/puzzles/puzzles.json").read_text())
+    elif not Path(path).is_file():
         raise UserError(f"puzzles file not found: {path} (OpenAI's puzzles.json)")
-    raw = json.loads(p.read_text())
+    else:
+        raw = json.loads(Path(path).read_text())
     out = []
     for key, d in raw.items():
         records = []

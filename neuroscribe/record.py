@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,11 @@ import numpy as np
 from .errors import UserError
 from .formats import ActivationRecord, NeuronId, NeuronRecord
 from .runs import atomic_path, claim_stage, opt, save_stage, write_json
-from .stats import Moments, TopK, scratch
+from .stats import Moments, TopK, bin_scores, derived_generator, scratch
 
 log = logging.getLogger("neuroscribe")
 QUANTILES = (0.0, 0.5, 0.9, 0.99, 0.999)  # OpenAI's bins: 0-0.5, 0.5-0.9, 0.9-0.99, 0.99-0.999
+BIN_STREAM = "quantile-bins"  # the quantile bins' keys: a stream of the seed of their own
 
 
 @dataclass
@@ -45,7 +45,8 @@ class RecordConfig:
     n_random: int = opt(30, "random records per unit (interleaved into calibration, valid, test)")
     n_quantile: int = opt(5, "random records per quantile bin per unit")
     quantile_warmup: int = opt(256, "contexts whose maxima fix the quantile boundaries and the "
-                               "histogram range")
+                               "histogram range (the first and last bins are open-ended, so "
+                               "later contexts outside that range still land in a bin)")
     n_hist_bins: int = opt(64, "activation histogram bins")
     seed: int = opt(0, "seed of every random sample")
     device: str = opt("cpu", "torch device: cpu, cuda, cuda:1, mps")
@@ -62,10 +63,15 @@ class UnitRecorder:
     2 CPU cores, about 8% on top of the forward pass (bench/record.py measures it).
     """
 
-    def __init__(self, hookpoint: str, n_units: int, cfg: RecordConfig, gen: Any) -> None:
+    def __init__(self, hookpoint: str, n_units: int, cfg: RecordConfig, gen: Any,
+                 bin_gen: Any = None) -> None:
         import torch
 
         self.hookpoint, self.n_units, self.cfg, self.gen = hookpoint, n_units, cfg, gen
+        # The bins draw keys of their own: with the random sample's keys, a bin's sample would
+        # hold every random-sample context that falls in the bin (the best keys are the best).
+        self.bin_gen = (derived_generator(gen.initial_seed(), BIN_STREAM) if bin_gen is None
+                        else bin_gen)
         self.top = TopK(n_units, cfg.n_top, cfg.ctx_len)
         # Kept n_top larger, so the random sample can exclude top contexts and stay disjoint.
         self.random = TopK(n_units, cfg.n_random + cfg.n_top, cfg.ctx_len)
@@ -93,8 +99,8 @@ class UnitRecorder:
             self._histogram(acts.reshape(-1, self.n_units))
         ctx_max = acts.amax(dim=1)
         self.top.update(ctx_max, acts, tokens, ctx)
-        keys = torch.rand(ctx_max.shape, generator=self.gen)
-        self.random.update(keys, acts, tokens, ctx)
+        self.random.update(torch.rand(ctx_max.shape, generator=self.gen), acts, tokens, ctx)
+        keys = torch.rand(ctx_max.shape, generator=self.bin_gen)  # the bins' own
         self.moments.merge(*sums)
         if self.boundaries is None:
             self.warm.append((acts, tokens, ctx, ctx_max, keys))
@@ -125,14 +131,9 @@ class UnitRecorder:
             self._bin_samples(*w)
 
     def _bin_samples(self, acts: Any, tokens: Any, ctx: Any, ctx_max: Any, keys: Any) -> None:
-        """The random samples per quantile bin: a context's key competes only in its bin."""
-        import torch
-
-        b = self.boundaries.T[:, :, None]  # [Q, U, 1]
-        cm, n_bins = ctx_max.T, len(QUANTILES) - 1  # [U, B]
-        inside = (cm >= b[:-1]) & (cm < b[1:])  # [bins, U, B]
-        scores = torch.where(inside, keys.T, -math.inf)
-        self.bins.update_rows(scores.reshape(n_bins * self.n_units, -1), acts, tokens, ctx)
+        """The random samples per quantile bin: a context's key competes only in its bin (the
+        first and last bins open-ended: every context is in one)."""
+        self.bins.update_rows(bin_scores(self.boundaries, ctx_max, keys), acts, tokens, ctx)
 
     def _histogram(self, x: Any) -> None:
         """Count x [N, U] into the bins; values outside the warm-up range go to the end bins."""
@@ -189,13 +190,16 @@ def latents_dir(run_dir: Path, hookpoint: str) -> Path:
     return run_dir / "latents" / safe_name(hookpoint)
 
 
-def _recorder(hp: str, acts: Any, cfg: RecordConfig, gen: Any, run_dir: Path) -> Any:
-    """SAE latents (sparse) keep their activations on disk; other units in memory."""
+def _recorder(hp: str, acts: Any, cfg: RecordConfig, gens: tuple[Any, Any],
+              run_dir: Path) -> Any:
+    """SAE latents (sparse) keep their activations on disk; other units in memory. ``gens``:
+    the random sample's and the quantile bins' generators."""
     if acts.is_sparse:
         from .latents import LatentRecorder
 
-        return LatentRecorder(hp, acts.shape[-1], cfg, gen, latents_dir(run_dir, hp))
-    return UnitRecorder(hp, acts.shape[-1], cfg, gen)
+        return LatentRecorder(hp, acts.shape[-1], cfg, gens[0], latents_dir(run_dir, hp),
+                              gens[1])
+    return UnitRecorder(hp, acts.shape[-1], cfg, *gens)
 
 
 def _batches(cfg: RecordConfig, tokenizer: Any) -> Any:
@@ -234,7 +238,7 @@ def record(cfg: RecordConfig, run_dir: Path, resume: bool = False,
         raise UserError(f"--ctx-len {cfg.ctx_len} is longer than {cfg.model} allows "
                         f"({subject.max_context} tokens)")
     hookpoints = resolve_hookpoints(subject.model, [h for h in cfg.hookpoints.split(",") if h])
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gens = (torch.Generator().manual_seed(cfg.seed), derived_generator(cfg.seed, BIN_STREAM))
     recorders: dict[str, Any] = {}
     n_ctx = 0
     t0 = time.perf_counter()
@@ -253,7 +257,7 @@ def record(cfg: RecordConfig, run_dir: Path, resume: bool = False,
                     raise UserError(f"hookpoint {hp} gives shape {tuple(acts.shape)}, "
                                     "not [batch, seq, units]")
                 if hp not in recorders:
-                    recorders[hp] = _recorder(hp, acts, cfg, gen, run_dir)
+                    recorders[hp] = _recorder(hp, acts, cfg, gens, run_dir)
                 recorders[hp].update(acts, ids.cpu().to(torch.int32), ctx)
             n_ctx += len(batch)
             bar.update(len(batch) * cfg.ctx_len)
@@ -276,7 +280,9 @@ def record(cfg: RecordConfig, run_dir: Path, resume: bool = False,
             "seeds": {"random_sample": cfg.seed},
             "latent_caches": {hp: str(latents_dir(Path(), hp)) for hp, rec in recorders.items()
                               if not isinstance(rec, UnitRecorder)},
-            "quantiles": list(QUANTILES), "quantile_basis": "per-context max activation"}
+            "quantiles": list(QUANTILES), "quantile_basis": "per-context max activation",
+            "quantile_bins": "first and last open-ended",
+            "quantile_bin_seed": gens[1].initial_seed()}  # the bins' keys (derived_generator)
     save_stage(run_dir, "record", cfg, complete=True, **info)
     log.info("record: %d tokens in %.1fs (%.0f tok/s)", info["n_tokens"], seconds,
              info["tokens_per_second"])

@@ -1,4 +1,5 @@
-"""Sparse autoencoders: one model, four activation rules, saved as cfg.json + sae.safetensors.
+"""Sparse autoencoders: one model, four trained activation rules (and sparsify's GroupMax, which
+loads), saved as cfg.json + sae.safetensors.
 
 ``latents = act(W_enc.T (x - b_dec) + b_enc)``, ``x_hat = latents @ W_dec + b_dec``, with
 ``W_enc [d_in, n_latents]`` and ``W_dec [n_latents, d_in]`` (SAELens' layout) and the rows of
@@ -9,10 +10,14 @@
 - ``batchtopk``: the k x batch largest over the whole batch; a global threshold at inference
   (Bussmann et al. 2024);
 - ``jumprelu``: ``z * (z > threshold)`` with a learned threshold per latent and an L0 penalty
-  through straight-through estimators (Rajamanoharan et al. 2024).
+  through straight-through estimators (Rajamanoharan et al. 2024);
+- ``groupmax`` (loaded, not trained here): EleutherAI sparsify's GroupMax, the latents split
+  into k contiguous groups of ``n_latents / k`` and each group keeping its largest ReLU'd
+  pre-activation.
 
 SAEs saved by SAELens (``sae_weights.safetensors``) and by EleutherAI sparsify
-(``sae.safetensors`` with ``encoder.weight``) load too: see ``load_sae``.
+(``sae.safetensors`` with ``encoder.weight``) load too: see ``load_sae``. An activation rule
+this module does not know is an error, never a silent default.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from torch import nn
 from .errors import UserError
 from .runs import atomic_path, opt, write_json
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")  # the ones train_sae trains
+LOAD_ONLY = ("groupmax",)  # encoded exactly, but not trained here
+KNOWN = ARCHITECTURES + LOAD_ONLY
 FORMAT = "neuroscribe-sae-1"
 
 
@@ -40,17 +47,21 @@ class SaeConfig:
     d_in: int = opt(0, "input width (the hookpoint's units); 0 = take it from the data")
     n_latents: int = opt(4096, "dictionary size (latents)")
     architecture: str = opt("topk", "activation rule", choices=ARCHITECTURES)
-    k: int = opt(32, "active latents per token (topk, batchtopk)")
+    k: int = opt(32, "active latents per token (topk, batchtopk; groups for groupmax)")
     hookpoint: str = opt("", "module path the SAE reads (recorded in cfg.json)")
 
     def check(self) -> None:
-        if self.architecture not in ARCHITECTURES:
+        if self.architecture not in KNOWN:
             raise UserError(f"architecture {self.architecture!r} unknown: use one of "
-                            f"{', '.join(ARCHITECTURES)}")
+                            f"{', '.join(KNOWN)}")
         if self.d_in < 1 or self.n_latents < 1:
             raise UserError(f"d_in ({self.d_in}) and n_latents ({self.n_latents}) must be >= 1")
-        if self.architecture in ("topk", "batchtopk") and not 1 <= self.k <= self.n_latents:
+        if (self.architecture in ("topk", "batchtopk", "groupmax")
+                and not 1 <= self.k <= self.n_latents):
             raise UserError(f"k = {self.k} must be between 1 and n_latents = {self.n_latents}")
+        if self.architecture == "groupmax" and self.n_latents % self.k:
+            raise UserError(f"groupmax needs n_latents ({self.n_latents}) divisible by its "
+                            f"k = {self.k} groups")
 
 
 class Sae(nn.Module):
@@ -151,7 +162,16 @@ def _jumprelu(sae: Any, pre: Any) -> Any:
     return pre * (pre > sae.log_threshold.exp())
 
 
-INFERENCE = {"relu": _relu, "topk": _topk, "batchtopk": _threshold, "jumprelu": _jumprelu}
+def _groupmax(sae: Any, pre: Any) -> Any:
+    """sparsify's GroupMax: ``relu(pre)`` viewed as k contiguous groups of n_latents / k
+    latents; each group keeps its maximum (the first one on ties, as ``torch.max``)."""
+    groups = pre.relu().unflatten(-1, (sae.cfg.k, -1))
+    vals, idx = groups.max(-1, keepdim=True)
+    return torch.zeros_like(groups).scatter_(-1, idx, vals).flatten(-2)
+
+
+INFERENCE = {"relu": _relu, "topk": _topk, "batchtopk": _threshold, "jumprelu": _jumprelu,
+             "groupmax": _groupmax}
 
 
 
@@ -165,18 +185,27 @@ def _load_ours(folder: Path, cfg: dict[str, Any]) -> tuple[SaeConfig, dict[str, 
             load_file(str(folder / "sae.safetensors")))
 
 
+SPARSIFY_ACTIVATIONS = ("topk", "groupmax")  # sparsify's SparseCoderConfig.activation
+
+
 def _load_sparsify(folder: Path, cfg: dict[str, Any]) -> tuple[SaeConfig, dict[str, Any]]:
     """sparsify: ``encoder.weight [n, d]``, ``encoder.bias``, ``W_dec [n, d]``, ``b_dec``;
-    it encodes ``relu(encoder(x - b_dec))`` and keeps the top k."""
+    it encodes ``relu(encoder(x - b_dec))`` and keeps the top k (``activation: topk``) or the
+    maximum of each of k groups (``groupmax``). Files saved before sparsify had GroupMax carry
+    no ``activation``: its default, topk."""
     from safetensors.torch import load_file
 
+    activation = cfg.get("activation", "topk")
+    if activation not in SPARSIFY_ACTIVATIONS:
+        raise UserError(f"{folder}: sparsify activation {activation!r} is unknown (sparsify "
+                        f"defines {' and '.join(SPARSIFY_ACTIVATIONS)}); not loading an SAE "
+                        "whose latents would be wrong")
     t = load_file(str(folder / "sae.safetensors"))
     if cfg.get("skip_connection") or cfg.get("transcode") or "W_skip" in t:
         raise UserError(f"{folder}: sparsify transcoders and skip connections are not "
                         "supported (only SAEs)")
     n, d = t["encoder.weight"].shape
-    arch = "batchtopk" if cfg.get("activation") == "batchtopk" else "topk"
-    sc = SaeConfig(d_in=int(cfg.get("d_in", d)), n_latents=n, architecture=arch,
+    sc = SaeConfig(d_in=int(cfg.get("d_in", d)), n_latents=n, architecture=activation,
                    k=int(cfg["k"]))
     return sc, {"W_enc": t["encoder.weight"].T, "b_enc": t["encoder.bias"], "W_dec": t["W_dec"],
                 "b_dec": t["b_dec"]}
@@ -278,6 +307,7 @@ def l0_of(latents: Any) -> float:
 
 def fvu(x: Any, x_hat: Any) -> float:
     """Fraction of variance unexplained: sum |x - x_hat|^2 / sum |x - mean(x)|^2."""
+    x, x_hat = x.detach(), x_hat.detach()
     num = float(((x - x_hat) ** 2).sum())
     den = float(((x - x.mean(0)) ** 2).sum())
     return num / den if den > 0 else math.nan

@@ -3,11 +3,13 @@
 Metrics (``metrics.json``): MSE, FVU and L0 on held-out activations, the dead fraction, and, with
 the SAE spliced into the model at its hookpoint, the CE loss recovered
 ``(CE_zero_ablate - CE_sae) / (CE_zero_ablate - CE_clean)`` and the KL from the clean model.
+The subject model runs on the training ``--device``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -33,8 +35,15 @@ log = logging.getLogger("neuroscribe")
 
 
 def ce_loss_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
-    """1 = as good as the clean model, 0 = as bad as zeroing the hookpoint."""
-    return (ce_zero - ce_sae) / (ce_zero - ce_clean)
+    """1 = as good as the clean model, 0 = as bad as zeroing the hookpoint. NaN, with a logged
+    warning, when zeroing the hookpoint does not change the CE (nothing to recover)."""
+    den = ce_zero - ce_clean
+    if den == 0:
+        log.warning("CE loss recovered is undefined (NaN): the zero-ablated CE (%s) equals the "
+                    "clean CE (%s), so zeroing the hookpoint costs nothing to recover",
+                    ce_zero, ce_clean)
+        return math.nan
+    return (ce_zero - ce_sae) / den
 
 
 @contextmanager
@@ -62,8 +71,14 @@ def splice(model: Any, hookpoint: str, replace_fn: Any) -> Any:
 def spliced_metrics(model: Any, hookpoint: str, sae: Sae, ids: Any,
                     skip_first: bool = True) -> dict[str, float]:
     """CE of the clean, SAE-spliced and zero-ablated model on ``ids``, and KL(clean || other).
-    With ``skip_first``, position 0 is left clean (the SAE never saw it)."""
+    With ``skip_first``, position 0 is left clean (the SAE never saw it). Runs on the model's
+    device; the SAE's inputs are moved to the SAE's device (and back) if that differs."""
     import torch.nn.functional as F
+
+    ids = ids.to(_device_of(model))
+
+    def encode_decode(x: Any) -> Any:
+        return sae(x.to(sae.device, torch.float32)).to(x.device, x.dtype)
 
     def run() -> Any:
         return model(input_ids=ids, use_cache=False).logits.float()
@@ -75,7 +90,7 @@ def spliced_metrics(model: Any, hookpoint: str, sae: Sae, ids: Any,
         return y
 
     clean = run()
-    with splice(model, hookpoint, lambda x: keep_first(x, sae(x.float()).to(x.dtype))):
+    with splice(model, hookpoint, lambda x: keep_first(x, encode_decode(x))):
         with_sae = run()
     with splice(model, hookpoint, lambda x: keep_first(x, torch.zeros_like(x))):
         zero = run()
@@ -95,11 +110,16 @@ def spliced_metrics(model: Any, hookpoint: str, sae: Sae, ids: Any,
     return out
 
 
-def _eval_ids(acts: ActsConfig, n_contexts: int) -> tuple[Any, Any]:
+def _device_of(model: Any) -> Any:
+    return next(model.parameters()).device
+
+
+def _eval_ids(acts: ActsConfig, n_contexts: int, device: str = "cpu") -> tuple[Any, Any]:
+    """The subject model on ``device`` and ``n_contexts`` contexts of token ids."""
     from .corpus import iter_contexts, iter_texts
     from .models import load_subject
 
-    subject = load_subject(acts.model)
+    subject = load_subject(acts.model, device=device)
     ctx = []
     for c in iter_contexts(iter_texts(acts.corpus), subject.tokenizer, acts.ctx_len,
                            n_contexts * acts.ctx_len):
@@ -127,8 +147,10 @@ def plot_history(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def _eval_set(out: Path, acts: ActsConfig, resume: bool) -> tuple[Any, Any]:
-    """Held-out activations and the training chunk stream (both from the model or a store)."""
+def _eval_set(out: Path, acts: ActsConfig, resume: bool, device: str = "cpu"
+              ) -> tuple[Any, Any]:
+    """Held-out activations and the training chunk stream (both from the model, run on
+    ``device``, or a store)."""
     from safetensors.torch import load_file, save_file
 
     store = Path(acts.store) if acts.store else None
@@ -138,12 +160,12 @@ def _eval_set(out: Path, acts: ActsConfig, resume: bool) -> tuple[Any, Any]:
     held_path = out / "eval_acts.safetensors"
     if resume and held_path.exists():
         return load_file(str(held_path))["acts"], None
-    held, rest = split_eval(model_chunks(acts), acts.eval_tokens)
+    held, rest = split_eval(model_chunks(acts, device=device), acts.eval_tokens)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({"acts": held.contiguous()}, str(held_path))
+    save_file({"acts": held.cpu().contiguous()}, str(held_path))
     if store is not None:
         store.mkdir(parents=True, exist_ok=True)
-        save_file({"acts": held.contiguous()}, str(store / "eval.safetensors"))
+        save_file({"acts": held.cpu().contiguous()}, str(store / "eval.safetensors"))
         rest = write_store(rest, store, config=acts)
     return held, rest
 
@@ -160,14 +182,14 @@ def train_sae_stage(acts: ActsConfig, cfg: TrainSaeConfig, out: Path,
         raise UserError(f"{out} already holds an SAE; pass --resume or pick another --out")
     cfg = replace(cfg, hookpoint=cfg.hookpoint or acts.hookpoint)
     start = load_checkpoint(out)["state"]["step"] if resume else 0
-    held, rest = _eval_set(out, acts, resume)
+    held, rest = _eval_set(out, acts, resume, cfg.device)
     if acts.store and (Path(acts.store) / "store.json").exists() and rest is None:
         batches = store_batches(Path(acts.store), cfg.batch_size, cfg.seed, start_step=start)
     else:
         if rest is None:  # resuming a streamed run: skip the contexts already used (approx.)
             per_ctx = acts.ctx_len - int(acts.skip_first)
             skip = -(-acts.eval_tokens // per_ctx) + start * cfg.batch_size // per_ctx
-            rest = model_chunks(acts, skip_contexts=skip)
+            rest = model_chunks(acts, skip_contexts=skip, device=cfg.device)
         batches = shuffled(rest, cfg.batch_size, acts.shuffle_tokens, cfg.seed)
     total = acts.max_tokens // cfg.batch_size
     limited = (b for i, b in zip(range(total - start), batches))
@@ -175,8 +197,9 @@ def train_sae_stage(acts: ActsConfig, cfg: TrainSaeConfig, out: Path,
                              total_steps=total)
     for _ in batches:  # a store being written gets the rest of the stream, and its index
         pass
+    sae = sae.to(cfg.device)
     metrics["held_out"] = evaluate(sae, held)
-    model, ids = _eval_ids(acts, n_contexts=16)
+    model, ids = _eval_ids(acts, n_contexts=16, device=cfg.device)
     metrics["spliced"] = spliced_metrics(model, acts.hookpoint, sae, ids, acts.skip_first)
     metrics["acts_config"] = asdict(acts)
     write_json(out / "metrics.json", metrics)

@@ -64,18 +64,23 @@ def _recon_loss(x: Any, x_hat: Any, total_var: Any) -> Any:
 
 
 def _auxk(sae: Sae, pre: Any, x: Any, residual: Any, dead: Any, total_var: Any) -> Any:
-    """AuxK (Gao et al.): the top k_aux dead latents reconstruct what the live ones missed."""
+    """AuxK (Gao et al. 2024, appendix B.1): the top k_aux dead latents reconstruct what the
+    live ones missed, ``scale * |e_hat - residual|^2 / total_var`` with ``e_hat = z_aux W_dec``
+    (no b_dec: the residual already has it; sparsify PR #134). ``k_aux = d_in // 2``; with
+    fewer dead latents than that, all of them are used and the loss is scaled down by
+    ``n_dead / k_aux`` (sparsify's order: the scale is taken before k_aux is clamped)."""
     n_dead = int(dead.sum())
     if n_dead == 0:
         return None
-    k_aux = min(sae.cfg.d_in // 2, n_dead)
+    k_aux = max(sae.cfg.d_in // 2, 1)
+    scale = min(n_dead / k_aux, 1.0)
+    k_aux = min(k_aux, n_dead)
     masked = pre.masked_fill(~dead, float("-inf"))
     _, idx = masked.topk(k_aux, dim=1, sorted=False)
     B = x.shape[0]
     rows = torch.arange(B, device=x.device).repeat_interleave(k_aux)
     vals = _pick(sae, pre, x, rows, idx.reshape(-1)).relu().reshape(B, k_aux)
     e_hat = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum")
-    scale = min(n_dead / k_aux, 1.0)
     return scale * (e_hat - residual).pow(2).sum() / total_var
 
 
@@ -178,7 +183,7 @@ def step_jumprelu(sae: Sae, x: Any, state: dict[str, Any], cfg: Any) -> Step:
     l0 = _Step.apply(pre, t, cfg.jumprelu_bandwidth).sum(1).mean()
     loss = recon + cfg.l0_coeff * l0
     active = latents.detach() != 0
-    return Step(loss, x_hat.detach(), active.any(0), float(l0),
+    return Step(loss, x_hat.detach(), active.any(0), float(l0.detach()),
                 {"fvu": float(recon.detach()), "l0_penalty": float(l0.detach())})
 
 

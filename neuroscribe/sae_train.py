@@ -190,6 +190,9 @@ def train_sae(cfg: TrainSaeConfig, batches: Iterable[Any], d_in: int = 0,
     cfg.d_in = cfg.d_in or d_in
     sae_cfg = SaeConfig(**{k: getattr(cfg, k) for k in SaeConfig.__dataclass_fields__})
     sae_cfg.check()
+    if cfg.architecture not in STEPS:
+        raise UserError(f"architecture {cfg.architecture!r} can be loaded but not trained here: "
+                        f"train one of {', '.join(STEPS)}")
     torch.manual_seed(cfg.seed)
     sae = Sae(sae_cfg, cfg.device)
     optim = _optimizer(sae, cfg)
@@ -224,7 +227,7 @@ def train_sae(cfg: TrainSaeConfig, batches: Iterable[Any], d_in: int = 0,
         if not torch.isfinite(res.loss):
             bar.close()
             where = f"; the last good checkpoint (step {last_good}) is in {out}" if out else ""
-            raise UserError(f"loss is {float(res.loss)} at step {state.step}: training "
+            raise UserError(f"loss is {float(res.loss.detach())} at step {state.step}: training "
                             f"stopped{where}. Lower --lr or check the activations.")
         optim.zero_grad(set_to_none=True)
         res.loss.backward()
@@ -272,7 +275,9 @@ def train_sae(cfg: TrainSaeConfig, batches: Iterable[Any], d_in: int = 0,
 
 @torch.no_grad()
 def evaluate(sae: Sae, x: Any) -> dict[str, float]:
-    """MSE, FVU and L0 of a (raw-input) SAE on held-out activations ``[N, d_in]``."""
+    """MSE, FVU and L0 of a (raw-input) SAE on held-out activations ``[N, d_in]`` (moved to the
+    SAE's device)."""
+    x = x.to(sae.device, torch.float32)
     latents = sae.encode(x)
     x_hat = sae.decode(latents)
     return {"mse": float((x - x_hat).pow(2).mean()), "fvu": fvu(x, x_hat),

@@ -21,6 +21,7 @@ import numpy as np
 from .errors import UserError
 from .formats import ActivationScale, SequenceSimulation
 from .llm import LLMConfig
+from .registry import Registry
 from .runs import opt
 
 QUOTED = re.compile(r'"((?:[^"\\]|\\.)+)"')
@@ -38,8 +39,11 @@ class SimulateConfig(LLMConfig):
                          "the sandbox on every record)")
     embed_weight: float = opt(0.5, "weight of the embedding similarity against a token match")
     embed_device: str = opt("cpu", "device of the sentence-embedding model")
-    sim_top_logprobs: int = opt(15, "top logprobs read at each 'unknown' slot by the openai "
-                                "simulator")
+    sim_fill: str = opt("zero", "openai simulator: what fills a slot before the next is read: "
+                        "zero, self (the model's expected value) or unknown (OpenAI's "
+                        "prompt); HTTP endpoints fill every slot at once (unknown for self)")
+    sim_top_logprobs: int = opt(15, "openai simulator on HTTP endpoints: top logprobs read at "
+                                "each slot (local backends read the full distribution)")
     sim_batch_tokens: int = opt(0, "openai simulator: most record tokens filled in one prompt "
                                 "(0: one prompt per record, as OpenAI; more saves the "
                                 "few-shot part on every record after the first)")
@@ -82,7 +86,20 @@ def point_simulation(tokens: Sequence[str], values: Sequence[float]) -> Sequence
 
 
 def quoted_terms(explanation: str) -> set[str]:
-    return {m.strip().lower() for m in QUOTED.findall(explanation) if m.strip()}
+    """The terms quoted in double quotes, stripped, lower-cased and un-escaped as JSON strings
+    are: ``\\"`` is ``"``, ``\\\\`` is ``\\``, ``\\n`` a newline, ``\\u00e9`` ``é``. A
+    backslash before anything else stays as written (``"C:\\dir"`` keeps its backslash)."""
+    import json
+
+    def unescape(quoted: str) -> str:
+        try:
+            return json.loads(f'"{quoted}"', strict=False)
+        except json.JSONDecodeError:  # an escape JSON does not know: undo only those it does
+            return re.sub(r'\\(?:u[0-9a-fA-F]{4}|["\\/bfnrt])',
+                          lambda m: json.loads(f'"{m[0]}"'), quoted)
+
+    terms = (unescape(m).strip().lower() for m in QUOTED.findall(explanation))
+    return {t for t in terms if t}
 
 
 class TokenMatchSimulator:
@@ -146,13 +163,13 @@ class EmbeddingSimulator:
         return point_simulation(tokens, values.tolist())
 
 
-SIMULATORS: dict[str, type] = {"tokens": TokenMatchSimulator, "embedding": EmbeddingSimulator}
+SIMULATORS = Registry({"tokens": TokenMatchSimulator, "embedding": EmbeddingSimulator,
+                       "openai": "neuroscribe.simulate_llm:OpenAISimulator",
+                       "json": "neuroscribe.simulate_llm:JSONSimulator",
+                       "program": "neuroscribe.simulate_program:ProgramSimulator"})
 
 
 def make_simulator(cfg: SimulateConfig) -> Simulator:
     if cfg.simulator not in SIMULATORS:
         raise UserError(f"unknown simulator {cfg.simulator!r}; have {sorted(SIMULATORS)}")
     return SIMULATORS[cfg.simulator](cfg)
-
-
-from . import simulate_llm, simulate_program  # noqa: E402,F401 - register the LLM simulators

@@ -26,7 +26,7 @@ from .formats import SequenceSimulation
 from .llm import Request
 from .prompts import Messages, load
 from .sandbox import SandboxConfig, Worker, fenced_code
-from .simulate import SIMULATORS, SimulateConfig, SimulationError, point_simulation
+from .simulate import SimulateConfig, SimulationError, point_simulation
 from .simulate_llm import LLMSimulator, fit_values
 
 ENTRY = "activation"
@@ -166,6 +166,3 @@ class ProgramSimulator(LLMSimulator):
 
     def close(self) -> None:
         self.worker.close()
-
-
-SIMULATORS["program"] = ProgramSimulator

@@ -7,6 +7,7 @@ tensor passes; everything else touches only [units, k + batch]-sized tensors.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -139,6 +140,32 @@ def scratch(bufs: dict[str, Any], name: str, shape: Any, dtype: Any) -> Any:
     if buf is None or buf.dtype != dtype or buf.numel() < n:
         buf = bufs[name] = torch.empty(n, dtype=dtype)
     return buf[:n].view(shape)
+
+
+def derived_generator(seed: int, stream: str) -> Any:
+    """A torch generator for one named stream of a seed: its keys are independent of those of
+    ``Generator().manual_seed(seed)`` and of every other stream's."""
+    import torch
+
+    digest = hashlib.sha256(f"{seed}/{stream}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def bin_scores(boundaries: Any, ctx_max: Any, keys: Any) -> Any:
+    """Scores [bins * U, B] for a grouped ``TopK`` (row ``g * U + u``): each context's key in
+    the row of its bin, -inf in the others.
+
+    boundaries [U, bins + 1], ctx_max [B, U], keys [B, U]. Bin g is [b_g, b_g+1), except that
+    the first is open below and the last open above, so that every context lands in exactly
+    one bin, however far outside the range the boundaries were fixed on it falls.
+    """
+    import torch
+
+    b = boundaries.T[:, :, None].clone()  # [bins + 1, U, 1]
+    b[0], b[-1] = -math.inf, math.inf
+    cm = ctx_max.T  # [U, B]
+    inside = (cm >= b[:-1]) & (cm < b[1:])  # [bins, U, B]
+    return torch.where(inside, keys.T, -math.inf).reshape(-1, cm.shape[1])
 
 
 BLOCK = 1 << 19  # elements per block of Moments.batch: 4 MiB as float64

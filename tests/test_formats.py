@@ -325,3 +325,21 @@ def test_neuron_record_splits_explicit_size() -> None:
 def test_split_of_round_tripped_record(split: str) -> None:
     nr = split_record()
     assert loads(dumps(nr)).split(split) == nr.split(split)
+
+
+def test_neuron_record_split_larger_than_recorded_is_an_error() -> None:
+    from neuroscribe.errors import UserError
+
+    nr = split_record()  # 8 top (2 per split), 6 random (2 per split)
+    assert names(nr.split("test", 2)) == ["t3", "t7", "r2", "r5"]  # exactly all: fine
+    with pytest.raises(UserError, match=r"layer 0 unit 0: asked for 3 top-activating records "
+                                        r"per split \(12 for the 4 splits "
+                                        r"train/calibration/valid/test\) but only 8 exist; "
+                                        r"ask for at most 2 per split"):
+        nr.split("train", 3)
+    with pytest.raises(UserError, match=r"asked for 3 random records per split \(9 for the 3 "
+                                        r"splits calibration/valid/test\) but only 6 exist"):
+        split_record(n_top=12).split("valid", 3)  # enough top records, too few random ones
+    with pytest.raises(UserError, match="only 6 exist"):
+        nr.random_split("test", 3)
+    assert nr.random_split("train", 100) == []  # train has no random records to ask for

@@ -87,9 +87,48 @@ def test_smollm2_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert len(corrs) >= N_UNITS // 2, f"only {len(corrs)} of {N_UNITS} units scored"
     mean = sum(corrs) / len(corrs)
     assert mean > 0, f"mean valid correlation {mean:.3f}: the baseline is no better than chance"
+    check_scores_independently(out, score_cfg)
 
     db = sqlite3.connect(out / "index.sqlite")
     assert db.execute("SELECT COUNT(*) FROM units").fetchone()[0] == 1536
     assert db.execute("SELECT COUNT(*) FROM explanations").fetchone()[0] == N_UNITS
     db.close()
     assert (out / "score_hist.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def check_scores_independently(out: Path, score_cfg: dict[str, Any]) -> None:
+    """Every saved valid score, recomputed without the score stage: the valid records from the
+    record store, the explanation simulated afresh, the Pearson correlation by numpy. A wrong
+    split, simulation, calibration or correlation (say a mean of per-record ones) would show."""
+    import asyncio
+
+    import numpy as np
+
+    from neuroscribe.record import RecordStore
+    from neuroscribe.simulate import EmbeddingSimulator, SimulateConfig, simulate_records
+
+    store = RecordStore(out)
+    sim = EmbeddingSimulator(SimulateConfig(embed_weight=score_cfg["embed_weight"]))
+    checked = 0
+    for path in sorted((out / "explanations" / HOOKPOINT).glob("*.json")):
+        entry = json.loads(path.read_text())
+        detail = json.loads(score_path(out, HOOKPOINT, entry["unit"], "scores").read_text())
+        saved = detail["scores"].get("valid_all", {}).get("ev_correlation_score")
+        if saved is None or not math.isfinite(saved):
+            continue
+        nr = store.neuron_record(HOOKPOINT, entry["unit"])
+        recs = nr.top_split("valid") + nr.random_split("valid")
+        assert len(recs) == 10 + 10  # 40 top and 30 random recorded: 10 of each per split
+        sims = asyncio.run(simulate_records(sim, detail["explanation"], recs))
+        real = np.concatenate([r.activations for r in recs])
+        pred = np.concatenate([s.expected_activations for s in sims])
+        assert ((pred >= 0) & (pred <= 10)).all()
+        corr = float(np.corrcoef(real, pred)[0, 1])
+        slope = (detail["calibration"] or {}).get("slope", 1.0)  # a linear map keeps |corr|
+        assert saved == pytest.approx(corr * np.sign(slope), abs=1e-4), entry["unit"]
+        # the saved simulation is of these records: their real activations, in order
+        res = loads(score_path(out, HOOKPOINT, entry["unit"]).read_text())
+        seqs = res.scored_explanations[0].scored_simulation.scored_sequence_simulations
+        assert [s.true_activations for s in seqs] == [r.activations for r in recs]
+        checked += 1
+    assert checked >= N_UNITS // 2

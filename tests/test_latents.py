@@ -101,9 +101,31 @@ def test_safe_name_is_flat_stable_and_distinct() -> None:
     assert len(names) == 5
     for n in names:
         assert "/" not in n and ":" not in n and not n.startswith(".") and n.startswith("a.b__sae-")
-    assert safe_name("a.b:sae=/x/sae") == safe_name("a.b:sae=/x/sae")
     assert re.fullmatch(r"a\.b__input__sae-layers\.3-[0-9a-f]{10}",
                         safe_name("a.b:input:sae=/x/layers.3"))
+
+
+def test_safe_name_hand_written_values() -> None:
+    """Exact names: ':' becomes '__'; an SAE folder becomes its last name, cleaned, plus the
+    first 10 hex digits of sha256 of the whole folder string (hashlib.sha256(b"/x/sae") is
+    3f8300d143...), so folders with the same last name do not collide."""
+    want = {
+        "a.b": "a.b",
+        "a.b:input": "a.b__input",
+        "a.b:output": "a.b__output",
+        "a.b:sae=/x/sae": "a.b__sae-sae-3f8300d143",
+        "a.b:sae=/y/sae": "a.b__sae-sae-ac9cbbefdb",  # same name "sae", another folder
+        "a.b:sae=/x/sae/": "a.b__sae-sae-6a68d064c0",  # a trailing '/' is another string
+        "a.b:sae=sae": "a.b__sae-sae-988d09baad",
+        "a.b:sae=../../etc": "a.b__sae-etc-74ccf3c5b4",  # no '..' or '/' survives
+        "a.b:sae=..": "a.b__sae-5ec1f7e700",  # a name of dots only: the hash alone
+        "a.b:sae=/x/my sae:v1": "a.b__sae-my-sae-v1-c23ff97c74",  # ' ' and ':' become '-'
+        "a.b:input:sae=/x/layers.3": "a.b__input__sae-layers.3-4aceeef243",
+        "a.b:sae=hf://o/r/layers.3": "a.b__sae-layers.3-4ef01e72f9",
+        # a long folder name keeps its last 40 characters
+        f"a.b:sae=/x/{'y' * 10}{'z' * 40}": f"a.b__sae-{'z' * 40}-9a7d08e940",
+    }
+    assert {hp: safe_name(hp) for hp in want} == want
 
 
 def test_resolve_keeps_sae_and_checks_folder(tiny_model: Path, tmp_path: Path) -> None:
@@ -340,3 +362,28 @@ def test_context_topk_keeps_the_best() -> None:
               torch.tensor([10, 11, 12]))
     tk.update(torch.tensor([[2.0], [-math.inf]]), torch.tensor([13]))
     assert tk.finished().tolist() == [[11, 13], [10, -1]]
+
+
+def test_latent_recorder_bins_cover_every_context(tmp_path: Path) -> None:
+    """As ``UnitRecorder``: with n_quantile >= contexts, the bins together hold every context
+    once, those past the warm-up range (the last batch is 10x larger) included."""
+    from safetensors.torch import load_file
+
+    cfg = RecordConfig(n_top=2, n_random=2, n_quantile=64, quantile_warmup=8, ctx_len=4,
+                       n_hist_bins=4, latent_splits=1)
+    g = torch.Generator().manual_seed(2)
+    n, u = 30, 5
+    acts = torch.rand(n, cfg.ctx_len, u, generator=g)
+    acts[torch.rand(acts.shape, generator=g) < 0.5] = 0
+    acts[20:] *= 10
+    rec = LatentRecorder("h", u, cfg, torch.Generator().manual_seed(0), tmp_path / "lat")
+    for start in range(0, n, 10):
+        rec.update(acts[start:start + 10].to_sparse(), torch.zeros((10, cfg.ctx_len),
+                   dtype=torch.int32), torch.arange(start, start + 10))
+    rec.save(tmp_path / "rec.safetensors", {"hookpoint": "h"})
+    got = load_file(str(tmp_path / "rec.safetensors"))
+    assert float(got["quantile_boundaries"][:, -1].max()) < float(acts[20:].amax())
+    for unit in range(u):
+        members = [int(c) for i in range(len(QUANTILES) - 1) for c in got[f"q{i}_ctx"][unit]
+                   if c >= 0]
+        assert sorted(members) == list(range(n)), unit

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import re
 import shutil
 import sqlite3
@@ -218,9 +219,12 @@ def test_recorded_exemplars_match_a_fresh_forward_pass(tiny_model: Path, corpus_
         bounds = t["quantile_boundaries"].tolist()
         assert len(bounds) == len(QUANTILES) and bounds == sorted(bounds)
         for i in range(len(QUANTILES) - 1):
+            # the first and last bins are open-ended: every context is in some bin
+            lo = -math.inf if i == 0 else bounds[i]
+            hi = math.inf if i == len(QUANTILES) - 2 else bounds[i + 1]
             for c in t[f"q{i}_ctx"].tolist():
                 if c >= 0:
-                    assert bounds[i] <= float(ctx_max[c, u]) < bounds[i + 1]
+                    assert lo <= float(ctx_max[c, u]) < hi
         edges, counts = store.histogram(HP1, u)
         assert sum(counts) == x.numel() and len(edges) == len(counts) + 1
 
@@ -657,7 +661,7 @@ def test_scorers_without_logprobs_in_the_score_stage(cli_run: Path, tmp_path: Pa
     shutil.copytree(cli_run, out, ignore=shutil.ignore_patterns(
         "scores", "score.json", "index.sqlite", "summary.json", "score_hist.png"))
     summary = score(ScoreConfig(simulator="tokens", scorers="detection,embedding",
-                                  active_threshold=0.7), out)
+                                  active_threshold=0.7, classify_negatives="weak"), out)
     store = RecordStore(out)
     checked, shown_ok = 0, set()
     for e in explained(out):
@@ -665,17 +669,25 @@ def test_scorers_without_logprobs_in_the_score_stage(cli_run: Path, tmp_path: Pa
             continue
         detail = json.loads(score_path(out, e["hookpoint"], e["unit"], "scores").read_text())
         nr = store.neuron_record(e["hookpoint"], e["unit"])
-        held_out = [r for s in ("valid", "test") for r in nr.top_split(s) + nr.random_split(s)]
-        shown_ok |= {"".join(r.tokens) for r in held_out}
-        top = max(max(r.activations) for r in held_out)
-        active = sum(max(r.activations) >= 0.7 * top for r in held_out)
+        tops = [r for s in ("valid", "test") for r in nr.top_split(s)]
+        rand = [r for s in ("valid", "test") for r in nr.random_split(s)]
+        shown_ok |= {"".join(r.tokens) for r in tops + rand}
+        pos = [r for r in tops if max(r.activations) > 0]
         det, emb = detail["classification"]["detection"], detail["classification"]["embedding"]
-        assert (det["n"], det["n_active"]) == (len(held_out), active)
-        if 0 < active < len(held_out):  # answering 1 to everything: chance, and F1 from counts
-            assert det["balanced_accuracy"] == 0.5
-            assert det["f1"] == pytest.approx(2 * active / (len(held_out) + active), abs=1e-6)
-            assert 0.0 <= emb["auroc"] <= 1.0
-            checked += 1
+        if not pos:
+            assert "failure" in det
+            continue
+        peak = max(max(r.activations) for r in pos)
+        neg = [r for r in rand if max(r.activations) < 0.7 * peak]  # --classify-negatives weak
+        if not neg:
+            assert "failure" in det
+            continue
+        assert (det["n"], det["n_active"]) == (len(pos) + len(neg), len(pos))
+        # answering 1 to everything: chance, and F1 from the counts
+        assert det["balanced_accuracy"] == 0.5
+        assert det["f1"] == pytest.approx(2 * len(pos) / (2 * len(pos) + len(neg)), abs=1e-6)
+        assert 0.0 <= emb["auroc"] <= 1.0
+        checked += 1
     assert checked >= 1
     shown = {json.loads(m) for p in seen for m in re.findall(r"^Example \d+: (.*)$", p, re.M)}
     assert shown and shown <= shown_ok  # only valid and test records reach the LLM
@@ -725,3 +737,27 @@ def test_program_simulator_in_the_score_stage(cli_run: Path, tmp_path: Path) -> 
                 10.0 if t.strip().lower() == word else 0.0 for t in sim_["tokens"]]
     assert len(sim.client.backend.requests) == len({e["explanation"] for e in units})
     assert sim.stats["programs"] == len({e["explanation"] for e in units})
+
+
+def test_more_records_per_split_than_recorded_is_an_error(cli_run: Path, tmp_path: Path) -> None:
+    """--n-per-split beyond what was recorded (SMALL: 12 top = 4 splits x 3, 9 random = 3 x 3)
+    stops the explain and score stages with a message, rather than splits silently smaller."""
+    from neuroscribe.errors import UserError
+
+    hp, unit = scored_units(cli_run)[0]
+    nr = RecordStore(cli_run).neuron_record(hp, unit)
+    assert len(nr.most_positive_activation_records) == 12 and len(nr.random_sample) == 9
+    cfg = ScoreConfig(simulator="tokens", n_per_split=3)  # exactly what there is: fine
+    assert "scores" in asyncio.run(pipeline.score_unit(pipeline.make_simulator(cfg), "x", nr,
+                                                       cfg))
+    cfg = ScoreConfig(simulator="tokens", n_per_split=4)
+    with pytest.raises(UserError, match=r"asked for 4 top-activating records per split "
+                                        r"\(16 for the 4 splits .*\) but only 12 exist"):
+        asyncio.run(pipeline.score_unit(pipeline.make_simulator(cfg), "x", nr, cfg))
+    out = tmp_path / "run"
+    shutil.copytree(cli_run, out, ignore=shutil.ignore_patterns(
+        "explanations", "explain.json", "scores", "score.json", "index.sqlite", "summary.json",
+        "score_hist.png"))
+    with pytest.raises(UserError, match=r"layer [01] unit 0: asked for 4 top-activating "
+                                        "records per split"):
+        explain(ExplainConfig(units="first:1", n_per_split=4), out)

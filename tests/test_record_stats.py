@@ -201,6 +201,12 @@ def test_recorder_random_sample_is_seeded() -> None:
     assert torch.equal(a, b)
 
 
+def bin_range(b: torch.Tensor, u: int, i: int) -> tuple[float, float]:
+    """Bin i of unit u: [b_i, b_i+1), the first bin open below and the last open above."""
+    lo = -math.inf if i == 0 else float(b[u, i])
+    return lo, math.inf if i == len(QUANTILES) - 2 else float(b[u, i + 1])
+
+
 def check_quantile_bins(out: dict[str, torch.Tensor], acts: torch.Tensor, n_warm: int) -> None:
     ctx_max = acts.amax(dim=1)  # [N, U]
     b = out["quantile_boundaries"]
@@ -210,7 +216,7 @@ def check_quantile_bins(out: dict[str, torch.Tensor], acts: torch.Tensor, n_warm
     np.testing.assert_allclose(b.numpy(), want, rtol=1e-6, atol=1e-6)
     for i in range(len(QUANTILES) - 1):
         for u in range(U):
-            lo, hi = float(b[u, i]), float(b[u, i + 1])
+            lo, hi = bin_range(b, u, i)
             got = valid(out[f"q{i}_ctx"][u])
             assert len(set(got)) == len(got)
             for c in got:
@@ -246,7 +252,7 @@ def test_recorder_quantile_bins_exact_membership() -> None:
         assert median_ctx in valid(out["q1_ctx"][u])
         assert median_ctx not in valid(out["q0_ctx"][u])
         for i in range(len(QUANTILES) - 1):
-            lo, hi = b[u, i], b[u, i + 1]
+            lo, hi = bin_range(b, u, i)
             want = ((ctx_max[:, u] >= lo) & (ctx_max[:, u] < hi)).nonzero()[:, 0].tolist()
             assert sorted(valid(out[f"q{i}_ctx"][u])) == want, (i, u)
 
@@ -295,3 +301,93 @@ def test_recorder_non_finite_names_unit(bad: float) -> None:
     ctx = torch.arange(40, 44)
     with pytest.raises(UserError, match=r"model\.layers\.3\.mlp unit 2, context 41, position 2"):
         rec.update(acts, torch.zeros(4, CFG.ctx_len, dtype=torch.int32), ctx)
+
+
+# ---------------------------------------------------------------- quantile bins: coverage, keys
+
+
+def feed_all(cfg: RecordConfig, acts: torch.Tensor, sizes: list[int],
+             seed: int = 0) -> dict[str, torch.Tensor]:
+    """acts [N, T, U] through a UnitRecorder in batches of ``sizes``; its finished tensors."""
+    n, t, u = acts.shape
+    tokens = torch.arange(n * t, dtype=torch.int32).reshape(n, t)
+    rec = UnitRecorder("layer.0", u, cfg, torch.Generator().manual_seed(seed))
+    start = 0
+    for b in sizes:
+        sl = slice(start, start + b)
+        rec.update(acts[sl].clone(), tokens[sl].clone(), torch.arange(start, start + b))
+        start += b
+    assert start == n
+    return rec.finished()
+
+
+def bins_of(out: dict[str, torch.Tensor], u: int) -> list[list[int]]:
+    return [valid(out[f"q{i}_ctx"][u]) for i in range(len(QUANTILES) - 1)]
+
+
+def test_contexts_outside_the_warmup_range_land_in_the_end_bins() -> None:
+    # The warm-up (10 contexts) sees maxima 0..9 per unit. Later: a context far above the
+    # warm-up maximum (100) must go to the top bin, one far below its minimum (-100) to the
+    # bottom bin, and one inside the range to the bin its maximum falls in.
+    cfg = RecordConfig(n_top=1, n_random=1, n_quantile=64, quantile_warmup=10, ctx_len=3,
+                       n_hist_bins=4, seed=0)
+    acts = torch.zeros(13, 3, 2)
+    acts[:10, 1, :] = torch.arange(10.0)[:, None]  # context c has maximum c
+    acts[10] = 100.0
+    acts[11] = -100.0
+    acts[12, 0, :] = 4.2
+    out = feed_all(cfg, acts, [10, 3])
+    for u in range(2):
+        b = out["quantile_boundaries"][u].tolist()
+        assert b[-1] < 100 and b[0] > -100  # fixed by the warm-up: both outliers are outside
+        bins = bins_of(out, u)
+        assert 10 in bins[-1], bins
+        assert 11 in bins[0], bins
+        assert 12 in bins[0]  # 4.2 < the median (4.5)
+        assert 9 in bins[-1]  # the warm-up maximum itself (0.999 quantile 8.991 <= 9)
+
+
+@pytest.mark.parametrize("warmup", [8, 20, 1000])
+def test_quantile_bins_cover_every_context_exactly_once(warmup: int) -> None:
+    # n_quantile >= contexts keeps every member of every bin: together they are all the
+    # contexts, each in one bin, whether the warm-up ends early (8), mid-way (20) or never.
+    cfg = RecordConfig(n_top=2, n_random=2, n_quantile=64, quantile_warmup=warmup, ctx_len=4,
+                       n_hist_bins=4, seed=0)
+    data = torch.Generator().manual_seed(99)
+    acts = torch.randn(40, 4, U, generator=data) * torch.linspace(0.2, 3.0, 40)[:, None, None]
+    out = feed_all(cfg, acts, [5, 7, 9, 11, 8])  # spread grows: later contexts fall outside
+    for u in range(U):
+        members = [c for ids in bins_of(out, u) for c in ids]
+        assert sorted(members) == list(range(40)), (u, sorted(members))
+
+
+def test_quantile_bins_do_not_reuse_the_random_sample_keys() -> None:
+    # With the random sample's keys, every context of the random sample (n_top = 0: the
+    # n_random best keys overall) is among the n_quantile best keys of its own bin, so it is
+    # always in the bins' samples: the two samples overlap in all n_random contexts of every
+    # unit. With keys of their own, a random context is in the union of the bins' samples
+    # (4 bins x 4 of 400 contexts) with chance about 16/400.
+    n, units, k = 400, 8, 4
+    cfg = RecordConfig(n_top=0, n_random=k, n_quantile=k, quantile_warmup=n, ctx_len=2,
+                       n_hist_bins=4, seed=3)
+    data = torch.Generator().manual_seed(5)
+    acts = torch.randn(n, 2, units, generator=data)
+    out = feed_all(cfg, acts, [100] * 4, seed=3)
+    overlap = 0
+    for u in range(units):
+        rnd = valid(out["random_ctx"][u])
+        assert len(rnd) == k
+        overlap += len(set(rnd) & {c for ids in bins_of(out, u) for c in ids})
+    assert overlap <= units, f"{overlap} of {units * k} random contexts are also bin samples"
+
+
+def test_quantile_bin_keys_are_a_stream_of_their_own() -> None:
+    from neuroscribe.stats import derived_generator
+
+    rec = UnitRecorder("layer.0", U, CFG, torch.Generator().manual_seed(11))
+    a = torch.rand(64, generator=torch.Generator().manual_seed(11))
+    b = torch.rand(64, generator=rec.bin_gen)
+    assert not torch.isclose(a, b).any()
+    # the same seed gives the same stream (runs are reproducible); another seed another one
+    assert torch.equal(b, torch.rand(64, generator=derived_generator(11, "quantile-bins")))
+    assert not torch.equal(b, torch.rand(64, generator=derived_generator(12, "quantile-bins")))

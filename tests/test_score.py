@@ -252,3 +252,48 @@ def test_score_records_with_calibration() -> None:
 def test_score_records_length_mismatch() -> None:
     with pytest.raises(ValueError, match="2 records but 1 simulations"):
         score_records([rec([1, 2]), rec([3, 4])], [sim([1, 2])])
+
+
+# ---------------------------------------------------------------- token-match simulators
+
+
+@pytest.mark.parametrize("explanation, token", [
+    ('the token "\\""', '"'),  # the explanation's text: the token "\""
+    ('fires on "\\\\"', "\\"),  # fires on "\\"
+    ('quotes like "\\"" and "\\\\" and "x"', '"'),
+    ('the escaped unicode "\\u00e9t\\u00e9"', "été"),
+])
+def test_token_match_unescapes_quoted_terms(explanation: str, token: str) -> None:
+    import asyncio
+
+    from neuroscribe.simulate import SimulateConfig, TokenMatchSimulator
+
+    sim = TokenMatchSimulator(SimulateConfig(simulator="tokens"))
+    out = asyncio.run(sim.simulate(explanation, ["a", token, " " + token, "b"]))
+    assert out.expected_activations == [0.0, 10.0, 10.0, 0.0]
+
+
+def test_quoted_terms_hand_written() -> None:
+    from neuroscribe.simulate import quoted_terms
+
+    assert quoted_terms('the token "\\""') == {'"'}
+    assert quoted_terms('fires on "\\\\"') == {"\\"}
+    assert quoted_terms('"The" and "a \\"b\\"" but not " "') == {"the", 'a "b"'}
+    assert quoted_terms('"\\\\n" is a backslash and n; "\\n" a newline, stripped away') == {
+        "\\n"}
+    # an escape JSON does not know keeps its backslash; the known ones around it are undone
+    assert quoted_terms('paths like "C:\\dir" or "C:\\\\dir\\"x"') == {"c:\\dir", 'c:\\dir"x'}
+
+
+def test_embedding_simulator_token_match_unescapes() -> None:
+    """The embedding simulator's token-match half matches the quoted '"' (similarity held 0)."""
+    import asyncio
+
+    import numpy as np
+
+    from neuroscribe.simulate import EmbeddingSimulator, SimulateConfig
+
+    sim = EmbeddingSimulator(SimulateConfig(embed_weight=0.5))
+    sim.embed = lambda texts: np.zeros((len(texts), 384))  # type: ignore[assignment]
+    out = asyncio.run(sim.simulate('the token "\\""', ["x", '"']))
+    assert out.expected_activations == pytest.approx([0.0, 10.0 / 1.5])
