@@ -173,7 +173,10 @@ class HFLM:
         return log_softmax(out.logits[0, -1].float().cpu().numpy())
 
     def truncate(self, n: int) -> None:
-        if n < self.n_past and self.cache is not None:
-            self.cache.crop(n)
+        if n <= 0:
+            self.cache = None
+        elif n < self.n_past and self.cache is not None:
+            self.cache.crop(n - self.n_past)  # negative: drop that many (newer transformers
+            # refuse a positive length; older ones take both)
         self.n_past = min(n, self.n_past)
         self.ids = self.ids[: self.n_past]

@@ -231,3 +231,28 @@ def test_check_simulator_reads_smollm2_above_chance_with_the_mass_on_values(tmp_
     report = check(cfg, make_simulator(cfg), cases)
     assert report["simulator_stats"]["value_mass_mean"] > 0.8
     assert report["all"]["auroc"] > 0.6
+
+
+def test_the_hf_backend_reads_values_and_cuts_its_cache_back(tiny_model) -> None:  # noqa: ANN001
+    """transformers' DynamicCache: the same distributions as a fresh forward pass of the
+    whole text, and a second request reuses the shared prefix."""
+    import torch
+
+    from neuroscribe.llm import LLMConfig, Request
+    from neuroscribe.llm_hf import HFBackend
+    from neuroscribe.value_read import log_softmax
+
+    b = HFBackend(LLMConfig(provider="hf", llm_model=str(tiny_model)))
+    segs = ("the cat\t", "\n sat\t")
+    r = b._run(Request(segments=segs, values=("0", "1", "2"), fill="0"))
+    tok, model = b.subject.tokenizer, b.subject.model
+    ids = tok(segs[0], add_special_tokens=False).input_ids
+    with torch.inference_mode():
+        want = log_softmax(model(torch.tensor([ids])).logits[0, -1].numpy())
+    codes = [tok(v, add_special_tokens=False).input_ids for v in ("0", "1", "2")]
+    assert all(len(c) == 1 for c in codes)  # single tokens here: no trie walk needed
+    assert r.value_probs[0] == pytest.approx([math.exp(want[c[0]]) for c in codes], rel=1e-4)
+    assert b.lm.ids == ids + codes[0] + tok(segs[1], add_special_tokens=False).input_ids
+    r2 = b._run(Request(segments=(segs[0], "\n on\t"), values=("0", "1", "2"), fill="0"))
+    assert r2.value_probs[0] == pytest.approx(r.value_probs[0], rel=1e-4)
+    assert r2.prompt_tokens < len(b.lm.ids)  # the shared prefix was not evaluated again
