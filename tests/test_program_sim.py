@@ -181,11 +181,13 @@ def test_request_key_ignores_an_unset_frequency_penalty() -> None:
     import hashlib
 
     req = Request(messages=(("user", "hi"),), max_tokens=5)
-    old = {k: v for k, v in dataclasses.asdict(req).items()
-           if k not in ("stage", "frequency_penalty")}
+    newer = ("stage", "frequency_penalty", "segments", "values", "fill")
+    old = {k: v for k, v in dataclasses.asdict(req).items() if k not in newer}
     raw = json.dumps(["p", "m", old], sort_keys=True, ensure_ascii=False)
     assert req.key("p", "m") == hashlib.sha256(raw.encode()).hexdigest()
     assert dataclasses.replace(req, frequency_penalty=0.3).key("p", "m") != req.key("p", "m")
+    for field, value in (("segments", ("a\t",)), ("values", ("0",)), ("fill", "0")):
+        assert dataclasses.replace(req, **{field: value}).key("p", "m") != req.key("p", "m")
 
 
 def test_llama_check_reports_a_crashing_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -250,7 +250,12 @@ def test_default_few_shot_examples_are_well_formed() -> None:
     target = [ActivationRecord(["x"], [1.0])]
     assert len(prompts.openai_explain_messages(target)) == 2 + 2 * len(shots)
     assert len(prompts.contrastive_explain_messages(target, [])) == 2 + 2 * len(shots)
-    assert prompts.openai_simulate_prompt("e", ["x"]).count("\tunknown") == 1
+    assert prompts.openai_simulate_prompt_many("e", [["x"]], reveal=False).count(
+        "\tunknown") == 1
+    hidden = sum(min(k, len(r.tokens)) for s in shots
+                 for k, r in zip(s.first_revealed, s.records))
+    assert hidden > 0  # OpenAI's few-shot format: tokens before the first revealed one
+    assert prompts.openai_simulate_prompt("e", ["x"]).count("\tunknown") == 1 + hidden
     # Every template file is valid JSON with a description.
     for name in ("common", "openai", "highlight", "json_simulate", "cleaning", "examples",
                  "summary_examples", "category", "category_examples"):

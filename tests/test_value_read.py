@@ -148,7 +148,8 @@ def test_the_openai_simulator_reads_values_and_records_the_mass(tmp_path) -> Non
 
     backend = ValueBackend()
     c = Client(backend, LLMConfig(retries=0), ResponseCache(tmp_path / "c.sqlite"))
-    sim = OpenAISimulator(ScoreConfig(simulator="openai", sim_batch_tokens=100), c)
+    sim = OpenAISimulator(ScoreConfig(simulator="openai", sim_batch_tokens=100,
+                                      sim_fill="self"), c)
     seqs = [["a", " cat"], [" dog", " cats"]]
     out = asyncio.run(sim.simulate_many("cats", seqs))
     assert [s.expected_activations for s in out] == [[0.0, pytest.approx(50 / 9)],
@@ -161,7 +162,7 @@ def test_the_openai_simulator_reads_values_and_records_the_mass(tmp_path) -> Non
     full = prompts.openai_simulate_prompt_many("cats", seqs, marker="\0", reveal=False)
     assert full.startswith(req.segments[0]) and req.segments[0].endswith("<start>\na\t")
     assert sim.report()["value_mass_mean"] == pytest.approx((0.8 + 0.9) / 2)
-    zero = OpenAISimulator(ScoreConfig(simulator="openai", sim_fill="zero"), c)
+    zero = OpenAISimulator(ScoreConfig(simulator="openai"), c)  # the default fill
     asyncio.run(zero.simulate("cats", ["a"]))
     assert backend.requests[-1].fill == "0"
 
