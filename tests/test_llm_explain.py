@@ -242,7 +242,7 @@ def test_openai_simulator_expected_values(tmp_path: Path) -> None:
     tops[16] = {"1": math.log(0.3), "2": math.log(0.1), " 3": math.log(0.1), "x": math.log(0.5)}
     tops[21] = {"unknown": math.log(0.9)}  # no digit at all: EV 0, empty distribution
     c = client(tmp_path, lambda req: Response(text="", tokens=echo, top_logprobs=tops))
-    sim = OpenAISimulator(ScoreConfig(simulator="openai"), c)
+    sim = OpenAISimulator(ScoreConfig(simulator="openai", sim_fill="unknown"), c)
     out = asyncio.run(sim.simulate("cats", [" the", " cat", "\t"]))
     # EV = (0*.5 + 5*.2 + 10*.1) / .8 = 2.5 ; (1*.3 + 2*.1 + 3*.1) / .5 = 1.6
     assert out.tokens == [" the", " cat", "\t"]
@@ -259,12 +259,12 @@ def test_openai_simulator_expected_values(tmp_path: Path) -> None:
 def test_openai_simulator_errors_are_clear(tmp_path: Path) -> None:
     merged = ["x", "\tunknown", "\n"]  # the tokenizer merged the tab and the marker
     c = client(tmp_path, lambda req: Response(text="", tokens=merged, top_logprobs=[{}] * 3))
-    sim = OpenAISimulator(ScoreConfig(simulator="openai"), c)
+    sim = OpenAISimulator(ScoreConfig(simulator="openai", sim_fill="unknown"), c)
     with pytest.raises(SimulationError, match="found 0 'unknown' slots .* for 1 tokens"):
         asyncio.run(sim.simulate("cats", ["x"]))
     none = client(tmp_path / "b", lambda req: Response(text="[0]"))
     with pytest.raises(SimulationError, match="needs prompt logprobs"):
-        asyncio.run(OpenAISimulator(ScoreConfig(), none).simulate("cats", ["x"]))
+        asyncio.run(OpenAISimulator(ScoreConfig(sim_fill="unknown"), none).simulate("cats", ["x"]))
     assert sim.stats["failed"] == 1
 
 
@@ -479,7 +479,8 @@ def test_openai_simulator_fills_several_records_in_one_prompt(
         tmp_path: Path, budget: int, n_requests: int) -> None:
     seqs = [["a", " cat"], ["the", " dog", " sat"], [" cat", "s"], ["x", " y", " cat"]]
     c = client(tmp_path, _echo_with_cat_detector)
-    sim = OpenAISimulator(ScoreConfig(simulator="openai", sim_batch_tokens=budget), c)
+    sim = OpenAISimulator(ScoreConfig(simulator="openai", sim_batch_tokens=budget,
+                                      sim_fill="unknown"), c)
     many = asyncio.run(sim.simulate_many("cats", seqs))
     assert [s.tokens for s in many] == seqs
     assert [s.expected_activations for s in many] == [
