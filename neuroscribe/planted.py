@@ -29,8 +29,6 @@ from .errors import UserError
 from .runs import opt
 
 Matcher = Callable[[str], bool]
-DEFAULT_CORPUS = ("../shared/data/corpora/tinystories-val.txt,"
-                  "../shared/data/corpora/wikitext2-valid.txt")
 
 
 def _words(values: Sequence[str]) -> Matcher:
@@ -312,4 +310,4 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="continue a run in this folder, skipping finished work")
     for cls in (PlantedConfig, RecordConfig, ExplainConfig, ScoreConfig):
         add_config(p, cls)
-    p.set_defaults(func=_cli, corpus=DEFAULT_CORPUS, max_tokens=200_000)
+    p.set_defaults(func=_cli, max_tokens=200_000)  # corpus: the record stage's default
