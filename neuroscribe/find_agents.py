@@ -116,6 +116,33 @@ def chain_code(chain: list[tuple[str, dict[str, Any]]]) -> tuple[str, str]:
     return "\n".join(body + ["    return x", ""]), desc
 
 
+def probe_numeric(box: Any, n_random: int = 256, seed: int = 0) -> tuple[Any, Any]:
+    """Two rounds of inputs on [-128, 128]: a grid of step 0.5 (never FIND's evaluation
+    points) plus ``n_random`` random points, whose irregular spacing keeps a sine faster
+    than the grid's Nyquist rate from aliasing; then 12 points inside each of the gaps where
+    f jumps most, to place the ends of rectangles, steps and corrupted intervals."""
+    import numpy as np
+
+
+    def call(xs: Any) -> Any:
+        return np.array([np.nan if v is None else v for v in box([float(v) for v in xs])],
+                        float)
+
+    rng = np.random.default_rng(seed)
+    x = np.sort(np.concatenate([np.arange(-128, 128, 0.5) + 0.25,
+                                rng.uniform(-128, 128, n_random)]))
+    y = call(x)
+    ok = np.isfinite(y)
+    if ok.sum() >= 20:
+        xo, yo = x[ok], y[ok]
+        gaps = np.argsort(np.abs(np.diff(yo)))[::-1][:8]
+        more = np.concatenate([np.linspace(xo[i], xo[i + 1], 14)[1:-1] for i in gaps])
+        x, y = np.concatenate([x, more]), np.concatenate([y, call(more)])
+        order = np.argsort(x)
+        x, y = x[order], y[order]
+    return x, y
+
+
 class OfflineAgent:
     """Program search over the suite's grammars; needs no LLM."""
 
@@ -135,13 +162,12 @@ class OfflineAgent:
 
         from .find_fit import numeric_code, solve_numeric
 
-        x = np.arange(-128, 128, 0.5) + 0.25  # never FIND's evaluation points
-        y = np.array([np.nan if v is None else v for v in box([float(v) for v in x])], float)
+        x, y = probe_numeric(box)
         ok = np.isfinite(y)
         if ok.sum() < 20:
-            return Answer(failure="the function returned too few finite values", rounds=1)
+            return Answer(failure="the function returned too few finite values", rounds=2)
         code, desc, interval = numeric_code(solve_numeric(x[ok], y[ok]))
-        return Answer(desc, code, interval, rounds=1)
+        return Answer(desc, code, interval, rounds=2)
 
     async def string(self, box: BlackBox) -> Answer:
         probes = load_data("words.json")["string_probes"]

@@ -1,7 +1,10 @@
 """FIND's evaluation of agents on the function suite, and the ``bench-find`` command.
 
-- numeric: the agent's code on x = i + 0.5, i in [-128, 128), against the noise-free
-  function; solved when NMSE < 0.1; also the IoU of the stated corrupted interval;
+- numeric: the agent's code on x = i + 0.5, i in [-128, 128), against the function as FIND
+  releases it (corruption and noise included), skipping points where it is not a finite
+  number; solved when FIND's NMSE (squared error over squared truth) < 0.1. Also reported:
+  ``nmse_var`` (normalised by the truth's variance, stricter) and the IoU of the stated
+  corrupted interval;
 - string: exact match of outputs on held-out inputs (solved when all match);
 - entity: three-way unit tests (which of three inputs does the description predict to be the
   most selective, judged by sentence embeddings; chance 1/3), solved at >= 80 %;
@@ -47,15 +50,51 @@ class FindConfig:
     memory_mb: int = opt(1024, "memory limit of sandboxed code in MiB")
     n_heldout: int = opt(40, "held-out inputs per string function")
     n_unit_tests: int = opt(10, "three-way unit tests per entity neuron")
-    suite: str = opt("", "a saved suite.json to use instead of generating one")
+    suite: str = opt("", "instead of generating one: a saved suite.json, or find:DIR for a "
+                     "folder in FIND's own layout (data.json + fNNNNN/function_code.py)")
+    find_variant: str = opt("released", "with find:DIR, which numeric file to run: released "
+                            "(func_name_dict.json, else function_code.py), clean, corrupted, "
+                            "noised")
 
 
-def nmse(truth: list[float], pred: list[float]) -> float:
-    n = len(truth)
-    mean = sum(truth) / n
-    var = sum((t - mean) ** 2 for t in truth) / n
-    scale = var if var > 1e-12 else max(sum(t * t for t in truth) / n, 1e-12)
-    return sum((t - p) ** 2 for t, p in zip(truth, pred)) / n / scale
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def kept_points(truth: list[Any], pred: list[Any]) -> tuple[list[float], list[Any]]:
+    """FIND's rule: a point counts only where the truth is a finite number (NaN, inf and no
+    value are skipped); the prediction is kept as it is."""
+    pairs = [(float(t), p) for t, p in zip(truth, pred) if _finite(t)]
+    return [t for t, _ in pairs], [p for _, p in pairs]
+
+
+def nmse(truth: list[Any], pred: list[Any]) -> float:
+    """FIND's NMSE (``mse_indicator.py``): the squared error over the squared truth,
+    sum((t - p)^2) / sum(t^2), on the points where the truth is finite. NaN when no point
+    is left or the truth is 0 everywhere (FIND scores both as a failure); inf when a kept
+    prediction is not a finite number."""
+    t, p = kept_points(truth, pred)
+    if not t:
+        return math.nan
+    if not all(_finite(v) for v in p):
+        return math.inf
+    ss = sum(v * v for v in t)
+    return sum((a - float(b)) ** 2 for a, b in zip(t, p)) / ss if ss > 0 else math.nan
+
+
+def nmse_var(truth: list[Any], pred: list[Any]) -> float:
+    """The stricter figure: the mean squared error over the truth's variance (its mean
+    square when it is constant), on the same points. A function with a large offset passes
+    FIND's NMSE with its shape wrong; this figure does not let it."""
+    t, p = kept_points(truth, pred)
+    if not t:
+        return math.nan
+    if not all(_finite(v) for v in p):
+        return math.inf
+    n, mean = len(t), sum(t) / len(t)
+    var = sum((v - mean) ** 2 for v in t) / n
+    scale = var if var > 1e-12 else max(sum(v * v for v in t) / n, 1e-12)
+    return sum((a - float(b)) ** 2 for a, b in zip(t, p)) / n / scale
 
 
 def interval_iou(a: list[float] | None, b: list[float] | None,
@@ -70,7 +109,7 @@ def interval_iou(a: list[float] | None, b: list[float] | None,
 
 
 class Evaluator:
-    """Scores answers; ``truth`` runs a suite function's ``f_clean`` out of process."""
+    """Scores answers; ``truth`` runs a suite function's ``f_truth`` out of process."""
 
     def __init__(self, cfg: FindConfig, truth: Callable[[Any, list[Any]], list[Any]],
                  run_answer: Callable[[str, list[Any]], Any],
@@ -98,20 +137,33 @@ class Evaluator:
 
         xs = eval_points()
         truth = self.truth(fn, xs)
-        pred, why = self._outputs(ans.code, xs)
         iou = interval_iou(ans.interval, fn.interval)
+        kept = sum(_finite(t) for t in truth)
+        if not kept:
+            return {"solved": False, "iou": iou, "nmse": None,
+                    "failure": "the function gives no finite value at FIND's points"}
+        pred, why = self._outputs(ans.code, xs)
         if pred is None:
             return {"solved": False, "failure": why, "iou": iou}
-        bad = sum(p is None or not isinstance(p, (int, float)) for p in pred)
-        if bad:
-            return {"solved": False, "iou": iou, "nmse": None,
-                    "failure": f"the answer's code gave no number for {bad} of {len(xs)} inputs"}
-        e = nmse(truth, [float(p) for p in pred])
-        return {"solved": e < SOLVED_NMSE, "nmse": e if math.isfinite(e) else None, "iou": iou}
+        e, ev = nmse(truth, pred), nmse_var(truth, pred)
+        out = {"solved": e < SOLVED_NMSE, "nmse": e if math.isfinite(e) else None,
+               "nmse_var": ev if math.isfinite(ev) else None, "iou": iou, "points": kept}
+        if math.isinf(e):
+            bad = sum(not _finite(p) for _, p in zip(*kept_points(truth, pred)))
+            out["failure"] = f"the answer's code gave no number for {bad} of {kept} inputs"
+        elif math.isnan(e):
+            out["failure"] = "the function is 0 at every point FIND keeps (FIND: no score)"
+        return out
 
     def string(self, fn: Any, ans: Any) -> dict[str, Any]:
         from .find_agents import load_data
 
+        if tests := fn.params.get("unit_tests"):  # FIND's own unit tests (find:DIR)
+            pred, why = self._outputs(ans.code, [i for i, _ in tests])
+            if pred is None:
+                return {"solved": False, "failure": why}
+            match = sum(p == o for p, (_, o) in zip(pred, tests)) / len(tests)
+            return {"solved": match == 1.0, "exact_match": match}
         rng = random.Random(f"heldout-{fn.id}")
         words = load_data("words.json")["random_words"]
         xs = [" ".join(rng.sample(words, rng.randint(1, 3))) if i % 2 else

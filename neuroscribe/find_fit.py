@@ -17,87 +17,11 @@ from typing import Any
 
 import numpy as np
 
-Columns = tuple[np.ndarray, list[list[str]]]  # (T, k, n) values, per candidate k expressions
+from .find_families import COMPOUND_PARTS, FIXED, NAMES, NONLINEAR, SEARCHED, Columns
 
 
 def _f(v: float) -> str:
-    return f"{float(v):.6g}"
-
-
-def _grid1(vals: np.ndarray, col: Callable[[np.ndarray, np.ndarray], np.ndarray],
-           expr: Callable[[float], str], x: np.ndarray) -> Columns:
-    return col(vals[:, None], x[None, :])[:, None, :], [[expr(v)] for v in vals]
-
-
-def fam_fixed(x: np.ndarray, name: str) -> Columns:
-    cols = {"linear": ([x], ["x"]), "polynomial": ([x, x * x], ["x", "x ** 2"]),
-            "root": ([np.sqrt(np.abs(x))], ["math.sqrt(abs(x))"]),
-            "logarithm": ([np.log(np.abs(x) + 1)], ["math.log(abs(x) + 1)"]),
-            "constant": ([], [])}[name]
-    arr = np.array(cols[0]).reshape(1, len(cols[0]), len(x))
-    return arr, [cols[1]]
-
-
-def fam_cos(x: np.ndarray) -> Columns:
-    w = np.arange(0.004, 1.25, 0.001)
-    vals = np.stack([np.cos(w[:, None] * x), np.sin(w[:, None] * x)], 1)
-    return vals, [[f"math.cos({_f(v)} * x)", f"math.sin({_f(v)} * x)"] for v in w]
-
-
-def fam_gaussian(x: np.ndarray) -> Columns:
-    m, s = np.meshgrid(np.arange(-130, 131, 2.0), np.geomspace(2, 60, 16))
-    m, s = m.ravel(), s.ravel()
-    vals = np.exp(-(((x[None] - m[:, None]) / s[:, None]) ** 2) / 2)[:, None, :]
-    return vals, [[f"math.exp(-((x - {_f(a)}) / {_f(b)}) ** 2 / 2)"] for a, b in zip(m, s)]
-
-
-def fam_tanh(x: np.ndarray) -> Columns:
-    b, w = np.meshgrid(np.arange(-128, 129, 2.0), np.geomspace(0.01, 1.5, 20))
-    b, w = b.ravel(), w.ravel()
-    vals = np.tanh(w[:, None] * (x[None] - b[:, None]))[:, None, :]
-    return vals, [[f"math.tanh({_f(c)} * (x - {_f(a)}))"] for a, c in zip(b, w)]
-
-
-def fam_rectangle(x: np.ndarray) -> Columns:
-    edges = np.arange(-128, 129, 4.0)
-    lo, hi = np.meshgrid(edges, edges)
-    keep = hi > lo
-    lo, hi = lo[keep], hi[keep]
-    vals = ((x[None] >= lo[:, None]) & (x[None] <= hi[:, None])).astype(float)[:, None, :]
-    return vals, [[f"(1.0 if {_f(a)} <= x <= {_f(b)} else 0.0)"] for a, b in zip(lo, hi)]
-
-
-def fam_square(x: np.ndarray) -> Columns:
-    w, p = np.meshgrid(np.arange(0.03, 0.62, 0.002), np.arange(16) * (np.pi / 8))
-    w, p = w.ravel(), p.ravel()
-    vals = np.where(np.sin(w[:, None] * x[None] + p[:, None]) >= 0, 1.0, -1.0)[:, None, :]
-    return vals, [[f"(1.0 if math.sin({_f(a)} * x + {_f(b)}) >= 0 else -1.0)"]
-                  for a, b in zip(w, p)]
-
-
-FAMILIES: dict[str, Callable[[np.ndarray], Columns]] = {
-    **{n: (lambda x, n=n: fam_fixed(x, n))
-       for n in ("constant", "linear", "polynomial", "root", "logarithm")},
-    "cos": fam_cos,
-    "gaussian": fam_gaussian,
-    "tanh": fam_tanh,
-    "rectangle": fam_rectangle,
-    "square_wave": fam_square,
-    "absolute": lambda x: _grid1(np.arange(-128, 128.5, 0.5), lambda b, x: np.abs(x - b),
-                                 lambda b: f"abs(x - {_f(b)})", x),
-    "relu": lambda x: _grid1(np.arange(-128, 128.5, 0.5), lambda b, x: np.maximum(0, x - b),
-                             lambda b: f"max(0.0, x - {_f(b)})", x),
-    "step": lambda x: _grid1(np.arange(-128, 128.5, 0.5), lambda b, x: (x > b) * 1.0,
-                             lambda b: f"(1.0 if x > {_f(b)} else 0.0)", x),
-    "reciprocal": lambda x: _grid1(np.arange(-128, 128.5, 0.5), lambda b, x: 1 / (x - b),
-                                   lambda b: f"1 / (x - {_f(b)})", x),
-    "rational": lambda x: _grid1(np.geomspace(1, 2000, 80), lambda b, x: x / (x * x + b),
-                                 lambda b: f"x / (x ** 2 + {_f(b)})", x),
-    "floor": lambda x: _grid1(np.arange(1, 25, 0.01), lambda s, x: np.floor(x / s),
-                              lambda s: f"math.floor(x / {_f(s)})", x),
-    "ceil": lambda x: _grid1(np.arange(1, 25, 0.01), lambda s, x: np.ceil(x / s),
-                             lambda s: f"math.ceil(x / {_f(s)})", x),
-}
+    return f"{float(v):.8g}"
 
 
 @dataclass
@@ -143,9 +67,13 @@ def batched_fit(vals: np.ndarray, y: np.ndarray) -> Best:
 def fit_family(name: str, x: np.ndarray, y: np.ndarray,
                times: tuple[np.ndarray, str] | None = None) -> Fit:
     """Best member of a family; with ``times`` = (g, expr), of ``(g + u) * (family + v)``."""
-    vals, exprs = _columns(name, x)
-    n_nonlin = 0 if len(exprs) == 1 else (
-        2 if name in ("gaussian", "tanh", "rectangle", "square_wave") else 1)
+    target = y
+    if times is not None and name in SEARCHED:  # search on y / g where g is not near 0
+        g = times[0]
+        big = np.abs(g) > 0.1 * np.abs(g).max()
+        target = np.where(big, y / np.where(big, g, 1.0), 0.0)
+    vals, exprs = _columns(name, x, target)
+    n_nonlin = NONLINEAR.get(name, 0)
     if times is None:
         t, sse, coef, off, pred = batched_fit(vals, y)
         return Fit(sse, n_nonlin + vals.shape[1] + 1, exprs[t], list(coef), off, [name], pred)
@@ -159,18 +87,20 @@ def fit_family(name: str, x: np.ndarray, y: np.ndarray,
 _CACHE: dict[tuple[str, bytes], Columns] = {}
 
 
-def _columns(name: str, x: np.ndarray) -> Columns:
-    """A family's candidate columns at ``x``, cached for the last few point sets."""
-    key = (name, x.tobytes())
+def _columns(name: str, x: np.ndarray, y: np.ndarray) -> Columns:
+    """A family's candidate columns at ``x`` (a searched family's, for ``y``), cached for the
+    last few point sets."""
+    key = (name, x.tobytes(), y.tobytes() if name in SEARCHED else b"")
     if key not in _CACHE:
-        if len(_CACHE) > 4 * len(FAMILIES):
+        if len(_CACHE) > 8 * len(NAMES):
             _CACHE.clear()
-        _CACHE[key] = FAMILIES[name](x)
+        _CACHE[key] = SEARCHED[name](x, y) if name in SEARCHED else FIXED[name](x)
     return _CACHE[key]
 
 
 def best_single(x: np.ndarray, y: np.ndarray) -> list[Fit]:
-    fits = [fit_family(n, x, y) for n in FAMILIES]
+    with np.errstate(all="ignore"):
+        fits = [fit_family(n, x, y) for n in NAMES]
     return sorted(fits, key=lambda f: f.bic(len(x)))
 
 
@@ -188,7 +118,7 @@ def _add(a: Fit, b: Fit, y: np.ndarray) -> Fit:
 def fit_sum(x: np.ndarray, y: np.ndarray, first: Fit, second: str | None = None) -> Fit:
     """Backfit: a second family (the best one, or ``second``) on the residual of the first,
     then the first again."""
-    names = [second] if second else list(FAMILIES)
+    names = [second] if second else COMPOUND_PARTS
     b = min((fit_family(n, x, y - _pred(first)) for n in names), key=lambda f: f.sse)
     return _add(fit_family(first.ops[0], x, y - _pred(b)), b, y)
 
@@ -202,7 +132,7 @@ def fit_product(x: np.ndarray, y: np.ndarray, seeds: list[Fit],
         if np.ptp(g) < 1e-9:
             continue
         gexpr = " + ".join(f"{_f(c)} * ({e})" for c, e in zip(s.coef, s.exprs))
-        for n in [second] if second else FAMILIES:
+        for n in [second] if second else COMPOUND_PARTS:
             f = fit_family(n, x, y, times=(g, gexpr))
             f.ops = [s.ops[0], n]
             f.n_params += s.n_params - 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import time
 from collections import defaultdict
@@ -46,12 +47,27 @@ def make_agents(cfg: FindConfig, llm_cfg: Any) -> dict[str, Any]:
     return {a: factories[a]() for a in names}
 
 
-def make_workers(cfg: FindConfig) -> dict[str, Worker]:
+PRELOADABLE = ("torch", "scipy.signal", "scipy.special")
+
+
+def preloads(fns: list[FindFunction]) -> str:
+    """Modules that the functions' code imports and that cannot load under the audit hook
+    (torch needs ctypes, scipy.signal a subprocess module): the worker imports them first."""
+    return ",".join(m for m in PRELOADABLE if any(f"import {m}" in f.code or f"from {m} "
+                                                  in f.code for f in fns))
+
+
+def make_workers(cfg: FindConfig, preload: str = "") -> dict[str, Worker]:
+    """Sandboxed workers per category; the numeric one imports ``preload`` before its audit
+    hook is set (FIND's code imports scipy, and its MLP functions torch)."""
     from .simulate import embedding_model_path
 
     base = SandboxConfig(timeout=cfg.fn_timeout, memory_mb=cfg.memory_mb, cpu_seconds=36000)
     entity = dataclasses.replace(base, memory_mb=0)  # torch reserves much address space
-    return {"numeric": Worker(base), "string": Worker(base), "puzzle": Worker(base),
+    numeric = (Worker(entity if "torch" in preload else base,
+                      {"NEUROSCRIBE_PRELOAD": preload}, startup_timeout=300.0)
+               if preload else Worker(base))
+    return {"numeric": numeric, "string": Worker(base), "puzzle": Worker(base),
             "entity": Worker(entity, {"NEUROSCRIBE_EMBED_PATH": str(embedding_model_path())},
                              startup_timeout=300.0)}
 
@@ -59,7 +75,7 @@ def make_workers(cfg: FindConfig) -> dict[str, Worker]:
 def group_of(fn: FindFunction) -> str:
     """The row of the per-op table a function counts in."""
     groups = {"numeric": lambda: fn.op.split(":")[0],
-              "string": lambda: "composed" if "+" in fn.op else fn.op,
+              "string": lambda: "composed" if ("+" in fn.op or ";" in fn.op) else fn.op,
               "entity": lambda: "two concepts" if "+" in fn.op else "one concept",
               "puzzle": lambda: "puzzle"}
     return f"{fn.category}/{groups[fn.category]()}"
@@ -89,17 +105,21 @@ async def run_bench(cfg: FindConfig, suite_cfg: SuiteConfig, llm_cfg: Any,
         raise UserError(f"{out} holds a bench-find run with another config; use a new --out")
     agents = make_agents(cfg, llm_cfg)  # bad agent names fail before anything is written
     write_json(out / "config.json", config)
-    if cfg.suite:
+    if cfg.suite.startswith("find:"):
+        from .find_dir import load_find_dir
+
+        fns = load_find_dir(cfg.suite[len("find:"):], cfg.find_variant)
+    elif cfg.suite:
         fns = load_suite(Path(cfg.suite))
     elif resume and (out / "suite.json").exists():
         fns = load_suite(out / "suite.json")
     else:
         fns = make_suite(suite_cfg)
     save_suite(fns, suite_cfg, out / "suite.json")
-    workers = make_workers(cfg)
+    workers = make_workers(cfg, preloads(fns))
 
     def truth(fn: FindFunction, xs: list[Any]) -> list[Any]:
-        r = workers[fn.category].call(fn.code, xs, "f_clean", cfg.fn_timeout)
+        r = workers[fn.category].call(fn.code, xs, "f_truth", cfg.fn_timeout)
         if not r.ok:
             raise FunctionFailure(f"the function failed ({r.status}): {r.reason}")
         return r.outputs
@@ -120,6 +140,7 @@ async def run_bench(cfg: FindConfig, suite_cfg: SuiteConfig, llm_cfg: Any,
                 seconds = time.perf_counter() - t0
                 rec = {"id": fn.id, "category": fn.category, "op": fn.op, "group": group_of(fn),
                        "agent": name, "truth": fn.description, "seconds": round(seconds, 3),
+                       **({"variant": fn.params["variant"]} if "variant" in fn.params else {}),
                        "answer": dataclasses.asdict(ans), **evaluator.score(fn, ans)}
                 write_json(path, rec)
                 results.append(rec)
@@ -149,11 +170,14 @@ def _stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
                          "seconds": round(sum(r["seconds"] for r in rows), 1),
                          "llm_calls": sum(r["answer"]["llm_calls"] for r in rows)}
     d["rate"] = d["solved"] / d["n"] if d["n"] else 0.0
-    for key in ("nmse", "iou", "exact_match", "unit_test_accuracy"):
+    for key in ("nmse", "nmse_var", "iou", "exact_match", "unit_test_accuracy"):
         vals = [r[key] for r in rows if r.get(key) is not None]
         if vals:
-            d[f"median_{key}" if key == "nmse" else f"mean_{key}"] = (
-                statistics.median(vals) if key == "nmse" else statistics.fmean(vals))
+            median = key.startswith("nmse")
+            d[f"median_{key}" if median else f"mean_{key}"] = (
+                statistics.median(vals) if median else statistics.fmean(vals))
+    if var := [r for r in rows if "nmse_var" in r]:
+        d["solved_var"] = sum((r["nmse_var"] or math.inf) < 0.1 for r in var)
     return d
 
 
@@ -163,6 +187,8 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     for r in results:
         by[r["agent"]]["categories"][r["category"]].append(r)
         by[r["agent"]]["ops"][r["group"]].append(r)
+        if r.get("variant"):
+            by[r["agent"]]["ops"][f"numeric/variant:{r['variant']}"].append(r)
         by[r["agent"]]["all"]["all"].append(r)
     return {a: {"total": _stats(d["all"]["all"]),
                 "categories": {k: _stats(v) for k, v in sorted(d["categories"].items())},
@@ -188,6 +214,8 @@ def format_tables(report: dict[str, Any]) -> str:
         lines.append(f"{c:<24}" + "".join(f"{_cell(s):>16}" for s in row))
     lines += ["", "category metrics", f"{'metric':<24}{head}"]
     metrics = [("numeric", "median_nmse", "numeric median NMSE"),
+               ("numeric", "median_nmse_var", "numeric median NMSE/var"),
+               ("numeric", "solved_var", "numeric NMSE/var < 0.1"),
                ("numeric", "mean_iou", "numeric interval IoU"),
                ("string", "mean_exact_match", "string exact match"),
                ("entity", "mean_unit_test_accuracy", "entity unit tests (1/3)")]

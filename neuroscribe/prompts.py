@@ -385,11 +385,12 @@ def openai_simulate_segments(explanation: str, sequences: Sequence[Sequence[str]
                              normalization: str = "floor", reveal: bool = False) -> list[str]:
     """The openai simulation prompt cut at its slots: segment i is the text before slot i
     (segment 0 holds the whole few-shot part). For backends that read values slot by slot."""
-    if any(SLOT in tok for tokens in sequences for tok in tokens):
-        raise ValueError("a token holds a NUL character, which marks the slots")
+    text_in = "".join([explanation, *(tok for tokens in sequences for tok in tokens)])
+    # a marker that no token holds (C code has "\x00" tokens): NUL, else a private-use char
+    marker = next(m for m in (SLOT, *map(chr, range(0xE000, 0xF900))) if m not in text_in)
     text = openai_simulate_prompt_many(explanation, sequences, examples, normalization,
-                                       marker=SLOT, reveal=reveal)
-    return text.split(SLOT)[:-1]
+                                       marker=marker, reveal=reveal)
+    return text.split(marker)[:-1]
 
 
 def _json_user(explanation: str, tokens: Sequence[str], t: dict[str, Any], prefix: str) -> str:

@@ -146,11 +146,34 @@ def _embed_helper(path: str) -> Any:
     return embed
 
 
+def _cpu_torch_load() -> None:
+    """FIND saved its MLPs' weights from a GPU; without one, ``torch.load`` refuses them
+    unless told to map them to the CPU. Their code stays as it is; the default changes."""
+    import functools
+
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    load = torch.load
+
+    @functools.wraps(load)
+    def cpu_load(*args: Any, **kw: Any) -> Any:
+        kw.setdefault("map_location", "cpu")
+        return load(*args, **kw)
+
+    torch.load = cpu_load
+
+
 def main() -> None:
     job = json.loads(sys.stdin.readline())
     root = os.path.realpath(job["root"])
     os.chdir(root)
     helpers: dict[str, Any] = {}
+    for name in filter(None, os.environ.get("NEUROSCRIBE_PRELOAD", "").split(",")):
+        __import__(name)  # e.g. torch for FIND's MLP functions: it needs ctypes to load
+        if name == "torch":
+            _cpu_torch_load()
     if os.environ.get("NEUROSCRIBE_EMBED_PATH"):
         helpers["embed"] = _embed_helper(os.environ["NEUROSCRIBE_EMBED_PATH"])
     env: dict[str, Any] = {"helpers": helpers, "_compiled": {}}

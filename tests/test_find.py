@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,9 +26,8 @@ from neuroscribe.find_aia import (
     parse_final,
     parse_interval,
 )
-from neuroscribe.find_eval import Evaluator, FindConfig, interval_iou, nmse
+from neuroscribe.find_eval import Evaluator, FindConfig, interval_iou, nmse, nmse_var
 from neuroscribe.find_suite import (
-    OPS,
     FindFunction,
     SuiteConfig,
     eval_points,
@@ -58,30 +58,70 @@ def test_suite_is_reproducible_sized_and_round_trips(tmp_path: Path) -> None:
     save_suite(a, SMALL, tmp_path / "suite.json")
     assert load_suite(tmp_path / "suite.json") == a
     for f in a:
-        assert f.description and f.domain and "def f(" in f.code and "f_clean" in f.code
+        assert f.description and f.domain and "def f(" in f.code and "f_truth" in f.code
 
 
-def test_numeric_functions_follow_finds_recipe() -> None:
-    fns = [f for f in make_suite(replace(SMALL, n_numeric=300, n_string=0, n_entity=0))]
-    atomic = {f.op for f in fns if ":" not in f.op}
-    assert atomic == set(OPS) and len(OPS) == 18
-    assert {f.op.split(":")[0] for f in fns} >= {"sum", "product"}
-    assert {f.params["noise"]["kind"] for f in fns} == {"uniform", "normal", "poisson"}
-    assert {f.params["corruption"]["kind"] for f in fns} == {"inside", "smaller", "larger"}
-    f = fns[0]
+def test_numeric_functions_follow_finds_generator() -> None:
+    from neuroscribe.find_numeric import spec
+
+    fns = [f for f in make_suite(replace(SMALL, n_numeric=600, n_string=0, n_entity=0))]
+    simple = [f for f in fns if ":" not in f.op]
+    assert {f.op for f in simple} == set(spec()["simple"]) and len(spec()["simple"]) == 16
+    assert 0.80 < len(simple) / len(fns) < 0.90  # FIND: 85% simple
+    assert {f.op.split(":")[0] for f in fns if ":" in f.op} == {"sum_two", "multiply_two"}
+    parts = {p for f in fns if ":" in f.op for p in f.op.split(":")[1].split(";")}
+    assert parts <= set(spec()["compose_only"])
+    variants = [f.params["variant"] for f in fns]
+    assert 0.17 < variants.count("corrupted") / 600 < 0.28
+    assert 0.15 < variants.count("noised") / 600 < 0.26
+    assert {f.params["noise_type"] for f in fns if "noise_type" in f.params} == {
+        "uniform", "normal", "poisson"}
+    kinds = {f.params["corruption_type"] for f in fns if "corruption_type" in f.params}
+    assert kinds == {"interval_smaller", "interval_larger", "interval_inside"}
+    # FIND's names and code: tuples print in double parentheses; absolute drops its bias
+    ab = next(f for f in simple if f.op == "absolute")
+    assert ab.params["name"] == f"absolute({tuple(ab.params['params'][0])})"
+    assert ab.params["expression"] == f"{ab.params['params'][0][0]}*np.abs(x)"
+    # a corrupted region returns normal noise (scale 0.1) around the clean function's mean
+    f = next(f for f in fns if f.params.get("corruption_type") == "interval_inside")
     lo, hi = f.interval
-    inside = [x for x in eval_points() if lo <= x <= hi]
-    value = f.params["corruption"]["value"]
-    assert inside and all(v == value for v in run_in_process(f, "f_clean", inside))
-    clean, noisy = run_in_process(f, "f_clean", [3.5] * 20), run_in_process(f, "f", [3.5] * 20)
-    assert len(set(clean)) == 1 and len(set(noisy)) > 1
+    inside = [x for x in eval_points() if lo < x < hi]
+    mean = f.params["corruption_params"]["std"]  # FIND's key for the mean
+    vals = run_in_process(f, "f_truth", inside)
+    assert inside and all(abs(v - mean) < 0.6 for v in vals) and len(set(vals)) > 1
+    g = next(f for f in fns if f.params["variant"] == "noised")
+    assert len(set(run_in_process(g, "f", [3.5] * 20))) > 1
+    assert run_in_process(g, "f", [3.5] * 5) == run_in_process(g, "f", [3.5] * 5)  # seeded
 
 
-def test_nmse_and_interval_iou() -> None:
+def test_square_wave_is_truncated_to_a_sign_where_finds_writer_truncates_it() -> None:
+    import random
+
+    from neuroscribe.find_numeric import expression
+
+    clean = expression("square_wave", (1.7, -0.4))
+    assert "sin" in clean and expression("square_wave", (1.7, -0.4), truncated=True) == \
+        "np.where(x > 0, 1, -1)"
+    from neuroscribe.find_numeric import numeric_function
+
+    fns = [numeric_function(random.Random(i), i, 1.0, 0.0) for i in range(300)]
+    sq = [f for f in fns if f.op == "square_wave"]
+    assert sq and all("np.where(x > 0, 1, -1)" in f.code for f in sq)
+
+
+def test_nmse_is_finds_and_skips_points_where_the_truth_is_not_a_number() -> None:
     truth = [0.0, 1.0, 2.0, 3.0]
     assert nmse(truth, truth) == 0
-    assert nmse(truth, [1.5] * 4) == pytest.approx(1.0)
-    assert nmse([2.0] * 4, [2.0, 2.0, 2.0, 3.0]) == pytest.approx(0.25 / 4)
+    assert nmse(truth, [1.5] * 4) == pytest.approx(5 / 14)  # sum sq error / sum sq truth
+    assert nmse_var(truth, [1.5] * 4) == pytest.approx(1.0)  # the stricter figure
+    assert nmse([2.0] * 4, [2.0, 2.0, 2.0, 3.0]) == pytest.approx(1 / 16)
+    nan, inf = float("nan"), float("inf")
+    assert nmse([1.0, nan, inf, None, 2.0], [1.0, 5, 5, 5, 3.0]) == pytest.approx(1 / 5)
+    assert nmse([1.0, 2.0], [1.0, None]) == inf  # a prediction that is no number fails
+    assert math.isnan(nmse([nan, None], [1.0, 2.0])) and math.isnan(nmse([0.0], [1.0]))
+
+
+def test_interval_iou() -> None:
     assert interval_iou([0, 10], [5, 15]) == pytest.approx(5 / 15)
     assert interval_iou([-200, -100], [-128, -100]) == 1.0
     assert interval_iou(None, None) == 1.0 and interval_iou(None, [0, 1]) == 0.0
@@ -89,12 +129,12 @@ def test_nmse_and_interval_iou() -> None:
 
 def test_offline_agent_recovers_a_corrupted_noisy_function() -> None:
     fn = FindFunction("t", "numeric", "cos", "", "", "\n".join([
-        "import math, random", "_r = random.Random(0)", "def f_clean(x):",
+        "import math, random", "_r = random.Random(0)", "def f_truth(x):",
         "    if 20 <= x <= 45:", "        return 7.0", "    return 3.0 * math.cos(0.3 * x) - 1.0",
-        "def f(x):", "    return f_clean(x) + _r.gauss(0, 0.1)", ""]), interval=[20.0, 45.0])
+        "def f(x):", "    return f_truth(x) + _r.gauss(0, 0.1)", ""]), interval=[20.0, 45.0])
     with Worker(SandboxConfig(timeout=20)) as w:
         ans = asyncio.run(OfflineAgent().solve(BlackBox(fn.code, w), "numeric"))
-        ev = Evaluator(FindConfig(), lambda f, xs: run_in_process(f, "f_clean", xs),
+        ev = Evaluator(FindConfig(), lambda f, xs: run_in_process(f, "f_truth", xs),
                        lambda code, xs: run_code(code, xs))
         m = ev.score(fn, ans)
     assert m["solved"] and m["nmse"] < 0.01, (ans.description, m)
@@ -128,7 +168,7 @@ class Scripted:
 GOOD = "FINAL\nDESCRIPTION: twice x plus one\nDOMAIN: none\nCODE:\n```python\ndef f(x):\n" \
        "    return 2 * x + 1\n```"
 LINEAR = FindFunction("lin", "numeric", "linear", "f(x) = 2x + 1", "all real x",
-                      "def f_clean(x):\n    return 2 * float(x) + 1\n\nf = f_clean\n")
+                      "def f_truth(x):\n    return 2 * float(x) + 1\n\nf = f_truth\n")
 
 
 def solve_with(replies: list[str], rounds: int = 20) -> tuple[object, Scripted]:
@@ -143,7 +183,7 @@ def test_aia_experiments_then_answers_and_is_scored() -> None:
     assert ans.failure is None and ans.llm_calls == 3
     assert "not understood" in backend.prompts[1] and "CALL:" in backend.prompts[0]
     assert "f(0) = 1" in backend.prompts[2] and "f(-2.5) = -4" in backend.prompts[2]
-    ev = Evaluator(FindConfig(), lambda f, xs: run_in_process(f, "f_clean", xs),
+    ev = Evaluator(FindConfig(), lambda f, xs: run_in_process(f, "f_truth", xs),
                    lambda code, xs: run_code(code, xs))
     assert ev.score(LINEAR, ans)["solved"]
 
@@ -280,12 +320,12 @@ def test_bad_functions_are_failures_and_the_benchmark_goes_on(tmp_path: Path) ->
     from neuroscribe.cli import main
 
     hang = replace(LINEAR, id="hang", code="def f(x):\n    while True:\n        pass\n"
-                   "f_clean = f\n")
+                   "f_truth = f\n")
     crash = replace(LINEAR, id="crash", code="import os\ndef f(x):\n    os._exit(1)\n"
-                    "f_clean = f\n")
+                    "f_truth = f\n")
     broken = replace(LINEAR, id="broken", code="def f(x) :: nope\n")
     rev = FindFunction("rev", "string", "reverse", "reverses the string", "strings",
-                       "def f(x):\n    return str(x)[::-1]\n\nf_clean = f\n")
+                       "def f(x):\n    return str(x)[::-1]\n\nf_truth = f\n")
     suite = tmp_path / "suite.json"
     save_suite([hang, crash, broken, LINEAR, rev], SMALL, suite)
     out = tmp_path / "run"
@@ -325,7 +365,7 @@ def test_entity_neuron_is_selective_and_offline_agent_names_its_concept() -> Non
         assert concept.replace("_", " ") in ans.description
 
         def truth(f: FindFunction, xs: list[str]) -> list[float]:
-            return w.call(f.code, xs, "f_clean").outputs
+            return w.call(f.code, xs, "f_truth").outputs
 
         def embed(texts: list[str]) -> np.ndarray:  # the worker's model, loaded once
             code = "def f(x):\n    return [float(v) for v in embed([x])[0]]\n"
@@ -422,7 +462,7 @@ def test_aia_fits_models_sees_their_errors_and_answers_with_a_fit() -> None:
     assert "your FIT was not done: no known model family" in backend.prompts[4]
     assert "linear was fitted already" in backend.prompts[5]
     assert "CODE: FIT <n>" in backend.prompts[4] and "CODE: FIT <n>" not in backend.prompts[1]
-    ev = Evaluator(FindConfig(), lambda f, xs: run_in_process(f, "f_clean", xs),
+    ev = Evaluator(FindConfig(), lambda f, xs: run_in_process(f, "f_truth", xs),
                    lambda code, xs: run_code(code, xs))
     assert ev.score(LINEAR, ans)["solved"]
     # An answer with a fit's code takes that fit's interval (none here), not the DOMAIN line,

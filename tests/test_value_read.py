@@ -257,3 +257,17 @@ def test_the_hf_backend_reads_values_and_cuts_its_cache_back(tiny_model) -> None
     r2 = b._run(Request(segments=(segs[0], "\n on\t"), values=("0", "1", "2"), fill="0"))
     assert r2.value_probs[0] == pytest.approx(r.value_probs[0], rel=1e-4)
     assert r2.prompt_tokens < len(b.lm.ids)  # the shared prefix was not evaluated again
+
+
+def test_segments_of_a_token_holding_nul_keep_every_slot() -> None:
+    """OpenAI's "int" puzzle has a C-string token "\\x00", the slot marker's first choice: the
+    segments must still be one per token, and put back together they give the prompt with
+    that token in it (this raised a ValueError before, and killed a 20-minute check)."""
+    from neuroscribe.prompts import openai_simulate_prompt_many, openai_simulate_segments
+
+    toks = [["char", " s", "[", "\x00", "]"]]
+    segs = openai_simulate_segments("integer variables", toks)
+    assert len(segs) == 5 and any("\x00" in s for s in segs)
+    whole = openai_simulate_prompt_many("integer variables", toks, marker="@@", reveal=False)
+    joined = "".join(s + "@@" for s in segs)  # the text after the last slot is not a segment
+    assert whole.startswith(joined) and "@@" not in whole[len(joined):]

@@ -1,0 +1,207 @@
+"""The op families that ``find_fit`` searches: FIND's 16 numeric families and its compound
+parts (ceil, floor), each as candidate basis columns whose amplitudes and offset are linear.
+
+A family gives, for points ``x`` (and, for a *searched* family, the observed ``y``), an array
+(T, k, n): T candidates of its nonlinear parameters, k basis columns each, and per candidate
+the k expressions of the columns. Fixed families depend on ``x`` only. Searched families
+(sines, square waves, gaussians, tanh, rectangles, rationals) scan a coarse grid against
+``y``, then refine around the best candidates, since FIND's parameters span frequencies up
+to 63 rad per unit and widths down to one unit, where a fixed grid fine enough everywhere
+would not fit in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+Columns = tuple[np.ndarray, list[list[str]]]
+TWO_PI = 2 * np.pi
+
+
+def _f(v: float) -> str:
+    return f"{float(v):.8g}"
+
+
+def sse_all(vals: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least-squares SSE (with an intercept) of every candidate of ``vals`` (T, k, n)."""
+    yc = y - y.mean()
+    if vals.shape[1] == 0:
+        return np.full(vals.shape[0], float(yc @ yc))
+    vc = vals - vals.mean(-1, keepdims=True)
+    a = vc @ vc.transpose(0, 2, 1)
+    eye = np.eye(vals.shape[1])
+    a = a + (1e-9 * np.einsum("tkk->tk", a)[:, :, None] + 1e-12) * eye
+    b = vc @ yc
+    coef = np.linalg.solve(a, b[..., None])[..., 0]
+    sse = yc @ yc - (coef * b).sum(-1)
+    return np.where(np.isfinite(sse), sse, np.inf)
+
+
+def _best(make: Callable[[np.ndarray], np.ndarray], params: np.ndarray, y: np.ndarray,
+          k: int, chunk: int = 2048) -> np.ndarray:
+    """The ``k`` rows of ``params`` whose columns ``make(rows)`` fit ``y`` best."""
+    sse = np.concatenate([sse_all(make(params[i:i + chunk]), y)
+                          for i in range(0, len(params), chunk)])
+    return params[np.argsort(sse)[:k]]
+
+
+def _grid(x: np.ndarray, b: np.ndarray, col: Callable[[np.ndarray, np.ndarray], np.ndarray],
+          expr: Callable[[float], str]) -> Columns:
+    return col(b[:, None], x[None, :])[:, None, :], [[expr(v)] for v in b]
+
+
+def fixed(name: str, x: np.ndarray) -> Columns:
+    cols = {"constant": [], "linear": [(x, "x")],
+            "polynomial": [((x / 128) ** k, f"(x / 128) ** {k}") for k in range(1, 6)],
+            "root": [(np.sqrt(np.abs(x)), "math.sqrt(abs(x))")],
+            "logarithm": [(np.log(np.abs(x) + 1e-300), "math.log(abs(x))")]}[name]
+    arr = np.array([c for c, _ in cols]).reshape(1, len(cols), len(x))
+    return arr, [[e for _, e in cols]]
+
+
+EDGES = np.arange(-128, 128.5, 0.5)
+FIXED: dict[str, Callable[[np.ndarray], Columns]] = {
+    **{n: (lambda x, n=n: fixed(n, x))
+       for n in ("constant", "linear", "polynomial", "root", "logarithm")},
+    "absolute": lambda x: _grid(x, EDGES, lambda b, x: np.abs(x - b),
+                                lambda b: f"abs(x - {_f(b)})"),
+    "relu": lambda x: (np.stack([np.maximum(0, x[None] - EDGES[:, None]),
+                                 np.broadcast_to(x, (len(EDGES), len(x)))], 1),
+                       [[f"max(0.0, x - {_f(b)})", "x"] for b in EDGES]),
+    "step": lambda x: _grid(x, EDGES, lambda b, x: (x > b) * 1.0,
+                            lambda b: f"(1.0 if x > {_f(b)} else 0.0)"),
+    "reciprocal": lambda x: _grid(x, EDGES, lambda b, x: 1 / (x - b),
+                                  lambda b: f"1 / (x - {_f(b)})"),
+    "floor": lambda x: _grid(x, np.arange(1, 25, 0.01), lambda s, x: np.floor(x / s),
+                             lambda s: f"math.floor(x / {_f(s)})"),
+    "ceil": lambda x: _grid(x, np.arange(1, 25, 0.01), lambda s, x: np.ceil(x / s),
+                            lambda s: f"math.ceil(x / {_f(s)})"),
+}
+
+
+def _waves(x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda w: np.stack([np.cos(w[:, None] * x), np.sin(w[:, None] * x)], 1)
+
+
+def frequency(x: np.ndarray, y: np.ndarray) -> float:
+    """The w of the best a cos(w x) + b sin(w x): scanned on [0.002, 64] (FIND's sines reach
+    2 pi / 0.1 rad per unit; irregular probes keep them from aliasing), then refined."""
+    grid = np.arange(0.002, 64, 0.002)
+    make = _waves(x)
+    sse = np.concatenate([sse_all(make(grid[i:i + 2048]), y) for i in range(0, len(grid), 2048)])
+    lo = sse.min() + 1e-3 * (np.median(sse) - sse.min())  # aliases of regular probes tie:
+    seeds = np.concatenate([grid[np.argsort(sse)[:4]], grid[sse <= lo][:1]])  # keep the lowest
+    cands = [np.arange(v - 0.003, v + 0.003, 0.00005) for v in seeds]
+    fine = [(c[c > 0], sse_all(make(c[c > 0]), y)) for c in cands]
+    top = min(e.min() for _, e in fine)
+    tol = top + 1e-3 * (np.median(sse) - top) + 1e-12
+    return float(min(c[np.argmin(e)] for c, e in fine if e.min() <= tol))
+
+
+def cos(x: np.ndarray, y: np.ndarray) -> Columns:
+    w = np.array([frequency(x, y)])
+    return _waves(x)(w), [[f"math.cos({_f(v)} * x)", f"math.sin({_f(v)} * x)"] for v in w]
+
+
+def square_wave(x: np.ndarray, y: np.ndarray) -> Columns:
+    """sign(sin(w x + p)) near the fundamental frequency of ``y``."""
+    w0 = frequency(x, y)
+    w, p = np.meshgrid(w0 * np.linspace(0.98, 1.02, 81), np.arange(128) * TWO_PI / 128)
+    w, p = w.ravel(), p.ravel()
+
+    def make(rows: np.ndarray) -> np.ndarray:
+        return np.where(np.sin(rows[:, :1] * x + rows[:, 1:]) > 0, 1.0, -1.0)[:, None, :]
+
+    best = _best(make, np.stack([w, p], 1), y, 1)
+    return make(best), [[f"(1.0 if math.sin({_f(a)} * x + {_f(b)}) > 0 else -1.0)"]
+                        for a, b in best]
+
+
+def gaussian(x: np.ndarray, y: np.ndarray) -> Columns:
+    def make(rows: np.ndarray) -> np.ndarray:
+        m, s = rows[:, :1], rows[:, 1:]
+        return np.exp(-(((x - m) / s) ** 2) / 2)[:, None, :]
+
+    m, s = np.meshgrid(np.arange(-130, 131, 1.0), np.geomspace(0.4, 60, 30))
+    best = _best(make, np.stack([m.ravel(), s.ravel()], 1), y, 3)
+    fine = [np.stack(np.meshgrid(np.arange(a - 1, a + 1, 0.02),
+                                 b * np.geomspace(0.88, 1.14, 21)), -1).reshape(-1, 2)
+            for a, b in best]
+    best = _best(make, np.concatenate(fine), y, 1)
+    return make(best), [[f"math.exp(-((x - {_f(a)}) / {_f(b)}) ** 2 / 2)"] for a, b in best]
+
+
+def tanh(x: np.ndarray, y: np.ndarray) -> Columns:
+    def make(rows: np.ndarray) -> np.ndarray:
+        return np.tanh(rows[:, 1:] * (x - rows[:, :1]))[:, None, :]
+
+    b = np.unique(np.concatenate([np.arange(-128, 129, 1.0), np.arange(-10, 10, 0.1)]))
+    bb, ww = np.meshgrid(b, np.geomspace(0.005, 64, 32))
+    best = _best(make, np.stack([bb.ravel(), ww.ravel()], 1), y, 3)
+    fine = [np.stack(np.meshgrid(np.arange(a - 0.5, a + 0.5, 0.01),
+                                 c * np.geomspace(0.8, 1.25, 21)), -1).reshape(-1, 2)
+            for a, c in best]
+    best = _best(make, np.concatenate(fine), y, 1)
+    return make(best), [[f"math.tanh({_f(c)} * (x - {_f(a)}))"] for a, c in best]
+
+
+def jumps(x: np.ndarray, y: np.ndarray, n: int = 24) -> np.ndarray:
+    """Midpoints between neighbouring points across the ``n`` largest jumps of ``y``."""
+    d = np.abs(np.diff(y))
+    idx = np.argsort(d)[::-1][:n]
+    return (x[idx] + x[idx + 1]) / 2
+
+
+def rectangle(x: np.ndarray, y: np.ndarray) -> Columns:
+    """1 on [lo, hi]: ends on a coarse grid and at the jumps of ``y``."""
+    edges = np.unique(np.concatenate([np.arange(-128, 129, 4.0), jumps(x, y)]))
+    lo, hi = np.meshgrid(edges, edges)
+    keep = hi > lo
+    rows = np.stack([lo[keep], hi[keep]], 1)
+
+    def make(r: np.ndarray) -> np.ndarray:
+        return ((x >= r[:, :1]) & (x <= r[:, 1:])).astype(float)[:, None, :]
+
+    best = _best(make, rows, y, 1)
+    return make(best), [[f"(1.0 if {_f(a)} <= x <= {_f(b)} else 0.0)"] for a, b in best]
+
+
+def rational(x: np.ndarray, y: np.ndarray) -> Columns:
+    """P(x) / Q(x), deg P < deg Q <= 5: for each pair of degrees, the coefficients that
+    minimise |P(x) - y Q(x)| (the smallest singular vector, on x / 128), as one column."""
+    t = x / 128
+    best: tuple[float, np.ndarray, str] | None = None
+    for dq in range(1, 6):
+        for dp in range(dq):
+            a = np.concatenate([t[:, None] ** np.arange(dp + 1), -(y[:, None] *
+                                t[:, None] ** np.arange(dq + 1))], 1)
+            scale = np.linalg.norm(a, axis=0) + 1e-300
+            try:
+                v = np.linalg.svd(a / scale, full_matrices=False)[2][-1] / scale
+            except np.linalg.LinAlgError:
+                continue
+            p, q = v[:dp + 1], v[dp + 1:]
+            with np.errstate(all="ignore"):
+                pred = np.polyval(p[::-1], t) / np.polyval(q[::-1], t)
+            err = float(((pred - y) ** 2).sum())
+            if np.isfinite(err) and (best is None or err < best[0]):
+                poly = [" + ".join(f"{_f(c)} * (x / 128) ** {k}" for k, c in enumerate(cs))
+                        for cs in (p, q)]
+                best = (err, pred, f"({poly[0]}) / ({poly[1]})")
+    if best is None:
+        return np.zeros((1, 1, len(x))), [["0.0"]]
+    return best[1][None, None, :], [[best[2]]]
+
+
+SEARCHED: dict[str, Callable[[np.ndarray, np.ndarray], Columns]] = {
+    "cos": cos, "square_wave": square_wave, "gaussian": gaussian, "tanh": tanh,
+    "rectangle": rectangle, "rational": rational}
+NONLINEAR = {"cos": 1, "square_wave": 2, "gaussian": 2, "tanh": 2, "rectangle": 2,
+             "rational": 4, "absolute": 1, "relu": 1, "step": 1, "reciprocal": 1, "floor": 1,
+             "ceil": 1}
+NAMES = [*FIXED, *SEARCHED]
+# FIND draws the parts of its sums and products from these (and a square wave that its code
+# writer turns into a sign, a step at 0), so compounds are searched over them only
+COMPOUND_PARTS = [*FIXED, "rectangle"]
