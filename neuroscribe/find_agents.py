@@ -170,13 +170,20 @@ class OfflineAgent:
         return Answer(desc, code, interval, rounds=2)
 
     async def string(self, box: BlackBox) -> Answer:
+        from .find_string_search import PROBES, search, steps_answer
+
+        steps = search(PROBES, box(PROBES))  # FIND's families, alone or composed
+        if steps is not None:
+            code, desc = steps_answer(steps)
+            return Answer(desc, code, rounds=1)
         probes = load_data("words.json")["string_probes"]
         self._strings = self._strings or string_candidates()
         chain = search_strings(probes, box(probes), self._strings)
         if chain is None:
-            return Answer(failure="no chain of up to two transformations fits", rounds=1)
+            return Answer(failure="no FIND family or composition of two fits, nor a chain "
+                          "of up to two transformations", rounds=2)
         code, desc = chain_code(chain)
-        return Answer(desc, code, rounds=1)
+        return Answer(desc, code, rounds=2)
 
     async def entity(self, box: BlackBox) -> Answer:
         concepts = load_data("concepts.json")

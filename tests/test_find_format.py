@@ -183,3 +183,22 @@ def test_bench_find_runs_a_find_folder_end_to_end(tmp_path: Path) -> None:
     report = bench_find(cfg, SuiteConfig(), LLMConfig())
     (row,) = report["results"]
     assert row["id"] == "f00000" and row["solved"] and row["iou"] > 0.9, row
+
+
+def test_offline_string_search_solves_finds_compositions_on_held_out_inputs() -> None:
+    """FIND's families, composed, with parameters read off the outputs (a replaced letter,
+    a shift, an index): the found code agrees with the function on inputs it never saw."""
+    from neuroscribe.find_string_search import PROBES, search, steps_answer
+    from neuroscribe.find_strings import build_code
+
+    for steps in ([("remove_substring", {"c": "a"}), ("subtract_number_to_string", {"n": 3})],
+                  [("replace_substring", {"old": "o", "new": "Q"}),
+                   ("reverse_string", {})]):
+        ns: dict = {}
+        exec(build_code(steps), ns)  # noqa: S102 - our own families
+        found = search(PROBES, [ns["f"](p) for p in PROBES])
+        assert found is not None
+        ns2: dict = {}
+        exec(steps_answer(found)[0], ns2)  # noqa: S102
+        for x in ["held out words", "Another Test 99", "qwerty banana"]:
+            assert ns2["f"](x) == ns["f"](x)
