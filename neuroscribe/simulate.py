@@ -39,8 +39,8 @@ class SimulateConfig(LLMConfig):
                          "the sandbox on every record)")
     embed_weight: float = opt(0.5, "weight of the embedding similarity against a token match")
     embed_device: str = opt("cpu", "device of the sentence-embedding model")
-    sim_fill: str = opt("zero", "openai simulator: what fills a slot before the next is read: "
-                        "zero, self (the model's expected value) or unknown (OpenAI's "
+    sim_fill: str = opt("self", "openai simulator: what fills a slot before the next is read: "
+                        "self (the model's expected value), zero or unknown (OpenAI's "
                         "prompt); HTTP endpoints fill every slot at once (unknown for self)")
     sim_top_logprobs: int = opt(15, "openai simulator on HTTP endpoints: top logprobs read at "
                                 "each slot (local backends read the full distribution)")

@@ -162,7 +162,10 @@ def test_the_openai_simulator_reads_values_and_records_the_mass(tmp_path) -> Non
     full = prompts.openai_simulate_prompt_many("cats", seqs, marker="\0", reveal=False)
     assert full.startswith(req.segments[0]) and req.segments[0].endswith("<start>\na\t")
     assert sim.report()["value_mass_mean"] == pytest.approx((0.8 + 0.9) / 2)
-    zero = OpenAISimulator(ScoreConfig(simulator="openai"), c)  # the default fill
+    default = OpenAISimulator(ScoreConfig(simulator="openai"), c)  # the default fill: self
+    asyncio.run(default.simulate("cats", ["a"]))
+    assert backend.requests[-1].fill == "self"
+    zero = OpenAISimulator(ScoreConfig(simulator="openai", sim_fill="zero"), c)
     asyncio.run(zero.simulate("cats", ["a"]))
     assert backend.requests[-1].fill == "0"
 
@@ -228,7 +231,7 @@ def test_check_simulator_reads_smollm2_above_chance_with_the_mass_on_values(tmp_
     cases += planted_cases("packaged", make_text(60), n=1, per=2, length=16)[0]
     assert [c.source for c in cases].count("planted") == 2
     cfg = CheckConfig(simulator="openai", llm_model="smollm2", cache_dir=str(tmp_path),
-                      n_ctx=2048)
+                      n_ctx=2048, sim_fill="zero")  # SmolLM2 reads noise with its own fills
     report = check(cfg, make_simulator(cfg), cases)
     assert report["simulator_stats"]["value_mass_mean"] > 0.8
     assert report["all"]["auroc"] > 0.6

@@ -1,0 +1,70 @@
+"""Per-op results of bench-find runs on several seeds, pooled: FIND's success (NMSE < 0.1)
+and the stricter variance-normalised figure, per op and per variant, per agent.
+
+    for s in 1 2 3 4 5; do
+      python -m neuroscribe bench-find --out runs/fs$s --seed $s --agents offline \\
+        --n-numeric 200 --n-string 0 --n-entity 0 --puzzles ''
+    done
+    python bench/find_seeds.py runs/fs1 runs/fs2 runs/fs3 runs/fs4 runs/fs5 \\
+      --out bench/results/find_dist
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+
+def pool(runs: list[Path]) -> dict:
+    rows: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    seeds = []
+    for run in runs:
+        rep = json.loads((run / "find.json").read_text())
+        seeds.append(rep["config"]["suite"]["seed"])
+        for r in rep["results"]:
+            keys = [r["group"], f"{r['category']}/all"]
+            if r.get("variant"):
+                keys.append(f"numeric/variant:{r['variant']}")
+            for k in keys:
+                rows[r["agent"]][k].append(r)
+    out = {}
+    for agent, groups in rows.items():
+        out[agent] = {}
+        for k, rs in sorted(groups.items()):
+            d = {"n": len(rs), "solved": sum(bool(r["solved"]) for r in rs)}
+            if any("nmse_var" in r for r in rs):
+                d["solved_var"] = sum((r.get("nmse_var") or math.inf) < 0.1 for r in rs)
+            out[agent][k] = d
+    return {"seeds": seeds, "runs": [str(r) for r in runs], "agents": out}
+
+
+def table(p: dict) -> str:
+    lines = [f"bench-find, seeds {p['seeds']} pooled", ""]
+    for agent, groups in p["agents"].items():
+        lines += [f"agent {agent}", f"{'op':<34}{'FIND NMSE<0.1':>16}{'NMSE/var<0.1':>16}"]
+        for k, d in groups.items():
+            a = f"{d['solved']}/{d['n']} {100 * d['solved'] / d['n']:5.1f}%"
+            b = (f"{d['solved_var']}/{d['n']} {100 * d['solved_var'] / d['n']:5.1f}%"
+                 if "solved_var" in d else "-")
+            lines.append(f"{k:<34}{a:>16}{b:>16}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--out", default="bench/results/find_dist")
+    a = ap.parse_args()
+    p = pool(a.runs)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out + ".json").write_text(json.dumps(p, indent=1))
+    Path(a.out + ".txt").write_text(table(p) + "\n")
+    print(table(p))
+
+
+if __name__ == "__main__":
+    main()
