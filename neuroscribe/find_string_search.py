@@ -67,31 +67,14 @@ def candidates(probes: list[str], outputs: list[Any]) -> list[tuple[Step, Callab
     return out
 
 
-def _safe(fn: Callable[[str], Any], x: Any) -> Any:
-    try:
-        return fn(x)
-    except Exception:  # noqa: BLE001 - a candidate that fails on an input is just wrong
-        return object()
-
-
 def search(probes: list[str], outputs: list[Any]) -> list[Step] | None:
     """The steps, innermost first, of one family or a composition of two that maps every
-    probe to its output; None when none does."""
-    want = list(outputs)
-    cands = candidates(probes, want)
-    firsts: dict[tuple[Any, ...], Step] = {}
-    for step, fn in cands:
-        got = tuple(_safe(fn, p) for p in probes)
-        if list(got) == want:
-            return [step]
-        if all(isinstance(g, str) for g in got):
-            firsts.setdefault(got, step)
-    for got, inner in firsts.items():
-        for outer, fn in cands:
-            if _safe(fn, got[0]) == want[0] and all(
-                    _safe(fn, g) == w for g, w in zip(got[1:], want[1:])):
-                return [inner, outer]
-    return None
+    probe to its output; None when none does (``find_agents.search_strings`` does the
+    search over these candidates)."""
+    from .find_agents import search_strings
+
+    cands = candidates(probes, list(outputs))
+    return search_strings(probes, list(outputs), [(f, p, fn) for (f, p), fn in cands])
 
 
 def steps_answer(steps: list[Step]) -> tuple[str, str]:
