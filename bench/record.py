@@ -4,7 +4,7 @@ Loads the subject model once and tokenises the corpus once, then, on exactly the
 batches, times
 
   bare    the forward pass to the hookpoint (same hooks, same early stop), nothing recorded;
-  record  what ``neuroscribe.record.record`` does per batch: the same forward pass, then
+  record  what ``neuroscribe.record.core.record`` does per batch: the same forward pass, then
           ``UnitRecorder.update``; plus ``UnitRecorder.finished()`` once at the end.
 
 The two are interleaved batch by batch (which one goes first alternates), so machine drift and
@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from machine import git_rev, loadavg
 
-from neuroscribe import record as rec_mod
+import neuroscribe.record.core as rec_mod
 from neuroscribe.models import capture, load_subject, resolve_hookpoints, run_to_hooks
-from neuroscribe.record import RecordConfig, UnitRecorder
+from neuroscribe.record.core import RecordConfig, UnitRecorder
 from neuroscribe.stats import Moments, TopK
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "record.json"

@@ -3,8 +3,8 @@ autoencoder trained on a one-layer transformer's MLP are more interpretable than
 
 End to end, every step skipped when its output (keyed by its config) is already there:
 
-  1. train the one-layer toy transformer (512 ReLU neurons; ``neuroscribe.toy``);
-  2. collect its MLP activations on the corpus and train an SAE on them (``neuroscribe.sae_train``;
+  1. train the one-layer toy transformer (512 ReLU neurons; ``neuroscribe.sae.toy``);
+  2. collect its MLP activations on the corpus and train an SAE on them (``neuroscribe.sae.train``;
      relu + L1 as Anthropic by default), then measure it on held-out tokens: FVU, L0, dead
      fraction and the LM loss with the SAE spliced in (loss recovered against zero-ablation);
   3. run neuroscribe's record -> explain -> score twice with the same explainer and scorer: on
@@ -37,16 +37,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from neuroscribe.acts import tensor_batches
 from neuroscribe.corpus import iter_contexts, iter_texts
-from neuroscribe.explain import ExplainConfig, explain
+from neuroscribe.explain.core import ExplainConfig, explain
 from neuroscribe.models import capture, load_subject, run_to_hooks
 from neuroscribe.pipeline import ScoreConfig, score, score_path
-from neuroscribe.record import RecordConfig, record, store_path
+from neuroscribe.record.core import RecordConfig, record, store_path
 from neuroscribe.runs import write_json
-from neuroscribe.sae_eval import ce_loss_recovered, spliced_metrics
-from neuroscribe.sae_train import TrainSaeConfig, evaluate, train_sae
-from neuroscribe.toy import NEURONS, ToyConfig, train_toy
+from neuroscribe.sae.acts import tensor_batches
+from neuroscribe.sae.eval import ce_loss_recovered, spliced_metrics
+from neuroscribe.sae.toy import NEURONS, ToyConfig, train_toy
+from neuroscribe.sae.train import TrainSaeConfig, evaluate, train_sae
 
 log = logging.getLogger("neuroscribe")
 ROOT = Path(__file__).resolve().parent.parent

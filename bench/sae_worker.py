@@ -32,7 +32,7 @@ Batches = Callable[[], Iterator[torch.Tensor]]
 
 WHAT_IS_TIMED = {
     "neuroscribe": (
-        "neuroscribe.sae_train.train_sae(cfg, batches, d_in, out=None) as shipped: its whole "
+        "neuroscribe.sae.train.train_sae(cfg, batches, d_in, out=None) as shipped: its whole "
         "loop (forward, loss incl. AuxK when latents are dead, backward, decoder-norm handling, "
         "optimizer). Clock starts when the trainer asks for batch warmup_steps, stops when "
         "train_sae returns."
@@ -126,7 +126,7 @@ def fvu(reconstruct: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
 def train_neuroscribe(spec: dict[str, Any], clock: Clock) -> tuple[float, Any, dict[str, Any]]:
     import dataclasses
 
-    from neuroscribe.sae_train import TrainSaeConfig, train_sae
+    from neuroscribe.sae.train import TrainSaeConfig, train_sae
 
     names = {f.name for f in dataclasses.fields(TrainSaeConfig)}
     want = {"architecture": "topk", "n_latents": spec["n_latents"], "k": spec["k"],

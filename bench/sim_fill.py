@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from conftest import make_text  # noqa: E402
 
-from neuroscribe.check_simulator import CheckConfig, check, planted_cases, puzzle_cases  # noqa: E402
-from neuroscribe.simulate_llm import OpenAISimulator  # noqa: E402
+from neuroscribe.groundtruth.check_simulator import CheckConfig, check, planted_cases, puzzle_cases  # noqa: E402
+from neuroscribe.simulate.llm import OpenAISimulator  # noqa: E402
 
 
 def main() -> None:

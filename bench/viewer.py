@@ -133,7 +133,7 @@ def screenshot(run: Path, out: Path) -> None:
 
     from playwright.sync_api import sync_playwright
 
-    from neuroscribe.viewer import Site, ViewerConfig, make_server
+    from neuroscribe.viewer.server import Site, ViewerConfig, make_server
 
     site = Site([run], ViewerConfig())
     name, r = next(iter(site.runs.items()))
@@ -171,7 +171,7 @@ def main() -> None:
     if fresh:
         synthetic_run(run, args.units, args.texts)
     t_run = round(time.perf_counter() - t0, 1) if fresh else None  # None: an earlier run reused
-    from neuroscribe.viewer_index import db_path, ensure_index
+    from neuroscribe.viewer.index import db_path, ensure_index
 
     t0 = time.perf_counter()
     ensure_index(run)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from neuroscribe.errors import UserError
 
 log = logging.getLogger("neuroscribe")
 
@@ -40,7 +40,7 @@ def config_from(args: argparse.Namespace, cls: type) -> Any:
 def _hookpoints(args: argparse.Namespace) -> None:
     import fnmatch
 
-    from .models import list_hookpoints, load_subject
+    from neuroscribe.models import list_hookpoints, load_subject
 
     subject = load_subject(args.model)
     for name in list_hookpoints(subject.model):
@@ -49,7 +49,7 @@ def _hookpoints(args: argparse.Namespace) -> None:
 
 
 def _record(args: argparse.Namespace) -> None:
-    from .record import RecordConfig, record
+    from neuroscribe.record.core import RecordConfig, record
 
     info = record(config_from(args, RecordConfig), Path(args.out), args.resume)
     print(f"recorded {info['n_tokens']} tokens at {', '.join(info['hookpoints'])} "
@@ -57,14 +57,14 @@ def _record(args: argparse.Namespace) -> None:
 
 
 def _explain(args: argparse.Namespace) -> None:
-    from .explain import ExplainConfig, explain
+    from neuroscribe.explain.core import ExplainConfig, explain
 
     res = explain(config_from(args, ExplainConfig), Path(args.run), args.resume)
     print(f"explained {res['explained']} units, {res['failed']} failed -> {args.run}")
 
 
 def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    from .results import format_summary, format_usage
+    from neuroscribe.results import format_summary, format_usage
 
     print(format_summary(summary))
     if usage := format_usage(run_dir):
@@ -73,16 +73,16 @@ def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 
 
 def _score(args: argparse.Namespace) -> None:
-    from .pipeline import ScoreConfig, score
+    from neuroscribe.pipeline import ScoreConfig, score
 
     _print_summary(Path(args.run), score(config_from(args, ScoreConfig), Path(args.run),
                                          args.resume))
 
 
 def _run(args: argparse.Namespace) -> None:
-    from .explain import ExplainConfig
-    from .pipeline import ScoreConfig, run
-    from .record import RecordConfig
+    from neuroscribe.explain.core import ExplainConfig
+    from neuroscribe.pipeline import ScoreConfig, run
+    from neuroscribe.record.core import RecordConfig
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -93,10 +93,10 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _puzzles(args: argparse.Namespace) -> None:
-    from .explain import ExplainConfig, make_explainer
-    from .llm import LLMConfig
-    from .puzzles import PuzzleConfig, check, format_report
-    from .simulate import SimulateConfig, make_simulator
+    from neuroscribe.explain.core import ExplainConfig, make_explainer
+    from neuroscribe.groundtruth.puzzles import PuzzleConfig, check, format_report
+    from neuroscribe.llm.client import LLMConfig
+    from neuroscribe.simulate.core import SimulateConfig, make_simulator
 
     llm = {f.name: getattr(args, f.name) for f in dataclasses.fields(LLMConfig)}
     report = check(config_from(args, PuzzleConfig),
@@ -107,9 +107,9 @@ def _puzzles(args: argparse.Namespace) -> None:
 
 
 def _train_sae(args: argparse.Namespace) -> None:
-    from .acts import ActsConfig
-    from .sae_eval import train_sae_stage
-    from .sae_train import TrainSaeConfig
+    from neuroscribe.sae.acts import ActsConfig
+    from neuroscribe.sae.eval import train_sae_stage
+    from neuroscribe.sae.train import TrainSaeConfig
 
     out = Path(args.out)
     m = train_sae_stage(config_from(args, ActsConfig), config_from(args, TrainSaeConfig), out,
@@ -121,13 +121,13 @@ def _train_sae(args: argparse.Namespace) -> None:
 
 
 def _stage_configs() -> dict[str, list[type]]:
-    from .acts import ActsConfig
-    from .explain import ExplainConfig
-    from .llm import LLMConfig
-    from .pipeline import ScoreConfig
-    from .puzzles import PuzzleConfig
-    from .record import RecordConfig
-    from .sae_train import TrainSaeConfig
+    from neuroscribe.explain.core import ExplainConfig
+    from neuroscribe.groundtruth.puzzles import PuzzleConfig
+    from neuroscribe.llm.client import LLMConfig
+    from neuroscribe.pipeline import ScoreConfig
+    from neuroscribe.record.core import RecordConfig
+    from neuroscribe.sae.acts import ActsConfig
+    from neuroscribe.sae.train import TrainSaeConfig
 
     return {"record": [RecordConfig], "explain": [ExplainConfig], "score": [ScoreConfig],
             "run": [RecordConfig, ExplainConfig, ScoreConfig],
@@ -147,9 +147,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
 
 # Modules that register their own sub-commands: each has ``add_cli(sub)``, which adds parsers
 # with ``set_defaults(func=...)``. Their top level imports only the standard library.
-PLUGINS: list[str] = ["neuroscribe.planted", "neuroscribe.viewer", "neuroscribe.find_eval",
-                      "neuroscribe.check_simulator",
-                      "neuroscribe.vision"]
+PLUGINS: list[str] = ["neuroscribe.groundtruth.bench_planted", "neuroscribe.viewer.cli",
+                      "neuroscribe.find.cli", "neuroscribe.groundtruth.check_simulator",
+                      "neuroscribe.vision.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from neuroscribe.errors import UserError
 
 log = logging.getLogger("neuroscribe")
 

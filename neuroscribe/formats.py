@@ -57,7 +57,7 @@ def _split_of(recs: list[ActivationRecord], splits: tuple[str, ...], name: str,
               n_per_split: int | None, what: str, who: str) -> list[ActivationRecord]:
     """One split of ``recs``; asking for more records than exist is an error (OpenAI's
     neuron-explainer asserts it), never a silently smaller split."""
-    from .errors import UserError
+    from neuroscribe.errors import UserError
 
     n = len(recs) // len(splits) if n_per_split is None else n_per_split
     if n < 0:

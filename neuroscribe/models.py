@@ -6,7 +6,7 @@ neurons proper). Glob patterns such as ``model.layers.*.mlp.act_fn`` select seve
 
 ``PATH[:input|:output]:sae=FOLDER`` reads the latents of a sparse autoencoder instead: the
 SAE encodes the module's output (or input), and its latents are the units. FOLDER is anything
-``neuroscribe.sae.load_sae`` reads (a local folder or ``hf://OWNER/REPO[/SUB]``); it is the
+``neuroscribe.sae.model.load_sae`` reads (a local folder or ``hf://OWNER/REPO[/SUB]``); it is the
 last option, so it may contain ':'.
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from neuroscribe.errors import UserError
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -232,7 +232,7 @@ def load_saes(model: Any, hookpoints: list[str]) -> dict[str, Any]:
     """The SAE of each SAE hookpoint, on the model's device in float32 (one load per folder)."""
     import torch
 
-    from .sae import load_sae
+    from neuroscribe.sae.model import load_sae
 
     device = next(model.parameters()).device
     folders = {h: parse_hookpoint(h).sae for h in hookpoints}

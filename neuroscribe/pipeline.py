@@ -11,15 +11,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .classify import ClassifyConfig, Scorer, classify_unit, make_scorers, scorer_names
-from .errors import UserError
-from .explain import ExplainConfig, explain
-from .formats import NeuronSimulationResults, ScoredExplanation, dumps
-from .llm import LLMError, usage_of
-from .record import RecordConfig, RecordStore, record
-from .runs import atomic_write_text, claim_stage, opt, save_stage, write_json
-from .score import LinearCalibration, correlation_score, flatten, score_records
-from .simulate import SimulationError, Simulator, make_simulator, simulate_records
+from neuroscribe.errors import UserError
+from neuroscribe.explain.core import ExplainConfig, explain
+from neuroscribe.formats import NeuronSimulationResults, ScoredExplanation, dumps
+from neuroscribe.llm.client import LLMError, usage_of
+from neuroscribe.record.core import RecordConfig, RecordStore, record
+from neuroscribe.runs import atomic_write_text, claim_stage, opt, save_stage, write_json
+from neuroscribe.score.classify import (
+    ClassifyConfig,
+    Scorer,
+    classify_unit,
+    make_scorers,
+    scorer_names,
+)
+from neuroscribe.score.core import LinearCalibration, correlation_score, flatten, score_records
+from neuroscribe.simulate.core import SimulationError, Simulator, make_simulator, simulate_records
 
 log = logging.getLogger("neuroscribe")
 VARIANTS = ("all", "top", "random")
@@ -35,7 +41,7 @@ class ScoreConfig(ClassifyConfig):
 
 def score_path(run_dir: Path, hookpoint: str, unit: int, kind: str = "") -> Path:
     name = f"{unit}.{kind}.json" if kind else f"{unit}.json"
-    from .models import safe_name
+    from neuroscribe.models import safe_name
 
     return run_dir / "scores" / safe_name(hookpoint) / name
 
@@ -141,7 +147,7 @@ def score(cfg: ScoreConfig, run_dir: Path, resume: bool = False,
 
     ``sim`` overrides the configured simulator (tests pass one built on a fake backend).
     """
-    from .results import index_run, summarize
+    from neuroscribe.results import index_run, summarize
 
     store = RecordStore(run_dir)
     claim_stage(run_dir, "score", cfg, resume)
@@ -203,8 +209,8 @@ async def _score_units(cfg: ScoreConfig, run_dir: Path, store: RecordStore, sim:
 
 def run(rc: RecordConfig, ec: ExplainConfig, sc: ScoreConfig, run_dir: Path,
         resume: bool = False) -> dict[str, Any]:
-    from .explain import EXPLAINERS
-    from .simulate import SIMULATORS
+    from neuroscribe.explain.core import EXPLAINERS
+    from neuroscribe.simulate.core import SIMULATORS
 
     # Fail on a bad name before the slow stages, not after them.
     for name, known, flag in ((ec.explainer, EXPLAINERS, "explainer"),

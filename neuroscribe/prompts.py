@@ -19,8 +19,8 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from .formats import ActivationRecord
-from .score import max_activation, normalize_activations
+from neuroscribe.formats import ActivationRecord
+from neuroscribe.score.core import max_activation, normalize_activations
 
 Message = tuple[str, str]
 Messages = tuple[Message, ...]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .runs import atomic_path, write_json
+from neuroscribe.runs import atomic_path, write_json
 
 SCHEMA = """
 CREATE TABLE units (hookpoint TEXT, layer INTEGER, unit INTEGER, max_activation REAL,
@@ -38,8 +38,8 @@ def index_run(run_dir: Path) -> Path:
     """(Re)build ``index.sqlite`` from records, explanations and scores."""
     from safetensors import safe_open
 
-    from .models import layer_index
-    from .record import RecordStore, store_path
+    from neuroscribe.models import layer_index
+    from neuroscribe.record.core import RecordStore, store_path
 
     store = RecordStore(run_dir)
     target = run_dir / "index.sqlite"

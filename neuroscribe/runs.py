@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import UserError
+from neuroscribe.errors import UserError
 
 T = TypeVar("T")
 
@@ -70,7 +70,7 @@ def environment() -> dict[str, str]:
         env["torch"] = torch.__version__
     except ImportError:
         pass
-    from . import __version__
+    from neuroscribe import __version__
 
     env["neuroscribe"] = __version__
     return env

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .runs import opt
+from neuroscribe.runs import opt
 
 CHILD = str(Path(__file__).with_name("sandbox_child.py"))
 FENCED = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.S)

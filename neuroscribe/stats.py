@@ -13,6 +13,10 @@ from typing import Any
 
 import numpy as np
 
+QUANTILES = (0.0, 0.5, 0.9, 0.99, 0.999)  # OpenAI's bins: 0-0.5, 0.5-0.9, 0.9-0.99, 0.99-0.999
+BIN_STREAM = "quantile-bins"  # the quantile bins' keys: a stream of the seed of their own
+
+
 
 class TopK:
     """Per-unit streaming top-k of contexts by a score, with their tokens and activations.

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from neuroscribe.score import auroc, balanced_accuracy, f1_score
+from neuroscribe.score.core import auroc, balanced_accuracy, f1_score
 
 
 def test_auroc_hand_computed() -> None:

@@ -20,8 +20,11 @@ from typing import Any, TypeVar
 import pytest
 from test_llm_explain import FakeBackend
 
-from neuroscribe import classify
-from neuroscribe.classify import (
+import neuroscribe.score.classify as classify
+from neuroscribe.errors import UserError
+from neuroscribe.formats import ActivationRecord, NeuronId, NeuronRecord
+from neuroscribe.llm.client import Client, LLMConfig, Request, Response, ResponseCache
+from neuroscribe.score.classify import (
     ClassifyConfig,
     DetectionScorer,
     EmbeddingScorer,
@@ -33,9 +36,6 @@ from neuroscribe.classify import (
     make_scorers,
     mark_text,
 )
-from neuroscribe.errors import UserError
-from neuroscribe.formats import ActivationRecord, NeuronId, NeuronRecord
-from neuroscribe.llm import Client, LLMConfig, Request, Response, ResponseCache
 
 T = TypeVar("T")
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import transformers  # noqa: F401 - import (and set up its logging) outside any capsys
 
-from neuroscribe import cli
-from neuroscribe import record as record_mod
+import neuroscribe.cli as cli
+import neuroscribe.record.core as record_mod
 from neuroscribe.errors import UserError
 
 HP0 = "transformer.h.0.mlp.act"

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neuroscribe.find_agents import (
+from neuroscribe.find.agents import (
     BlackBox,
     OfflineAgent,
     chain_code,
     search_strings,
     string_candidates,
 )
-from neuroscribe.find_aia import (
+from neuroscribe.find.aia import (
     LLMAgent,
     Notebook,
     next_to_explain,
@@ -26,8 +26,8 @@ from neuroscribe.find_aia import (
     parse_final,
     parse_interval,
 )
-from neuroscribe.find_eval import Evaluator, FindConfig, interval_iou, nmse, nmse_var
-from neuroscribe.find_suite import (
+from neuroscribe.find.eval import Evaluator, FindConfig, interval_iou, nmse, nmse_var
+from neuroscribe.find.suite import (
     FindFunction,
     SuiteConfig,
     eval_points,
@@ -35,8 +35,8 @@ from neuroscribe.find_suite import (
     make_suite,
     save_suite,
 )
-from neuroscribe.find_tools import family_ranking, parse_fit, run_fit, use_fit
-from neuroscribe.llm import Client, LLMConfig, Request, Response
+from neuroscribe.find.tools import family_ranking, parse_fit, run_fit, use_fit
+from neuroscribe.llm.client import Client, LLMConfig, Request, Response
 from neuroscribe.sandbox import SandboxConfig, Worker, run_code
 
 SMALL = SuiteConfig(n_numeric=6, n_string=6, n_entity=3, puzzles="")
@@ -62,7 +62,7 @@ def test_suite_is_reproducible_sized_and_round_trips(tmp_path: Path) -> None:
 
 
 def test_numeric_functions_follow_finds_generator() -> None:
-    from neuroscribe.find_numeric import spec
+    from neuroscribe.find.numeric import spec
 
     fns = [f for f in make_suite(replace(SMALL, n_numeric=600, n_string=0, n_entity=0))]
     simple = [f for f in fns if ":" not in f.op]
@@ -97,12 +97,12 @@ def test_numeric_functions_follow_finds_generator() -> None:
 def test_square_wave_is_truncated_to_a_sign_where_finds_writer_truncates_it() -> None:
     import random
 
-    from neuroscribe.find_numeric import expression
+    from neuroscribe.find.numeric import expression
 
     clean = expression("square_wave", (1.7, -0.4))
     assert "sin" in clean and expression("square_wave", (1.7, -0.4), truncated=True) == \
         "np.where(x > 0, 1, -1)"
-    from neuroscribe.find_numeric import numeric_function
+    from neuroscribe.find.numeric import numeric_function
 
     fns = [numeric_function(random.Random(i), i, 1.0, 0.0) for i in range(300)]
     sq = [f for f in fns if f.op == "square_wave"]
@@ -354,7 +354,7 @@ def test_puzzles_join_the_suite_as_a_token_activation_category() -> None:
 
 @pytest.mark.integration
 def test_entity_neuron_is_selective_and_offline_agent_names_its_concept() -> None:
-    from neuroscribe.find_report import make_workers
+    from neuroscribe.find.report import make_workers
 
     fn = next(f for f in make_suite(SMALL) if f.category == "entity")
     cfg = FindConfig()
@@ -381,7 +381,7 @@ def test_entity_neuron_is_selective_and_offline_agent_names_its_concept() -> Non
 
 
 def test_product_search_skips_constant_seeds() -> None:
-    from neuroscribe.find_fit import Fit, fit_product
+    from neuroscribe.find.fit import Fit, fit_product
 
     x = np.linspace(-128, 128, 64)
     flat = Fit(0.0, 1, [], [], 2.0, ["constant"], np.full(64, 2.0))

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from neuroscribe.errors import UserError
-from neuroscribe.find_dir import load_find_dir, write_find_dir
-from neuroscribe.find_eval import Evaluator, FindConfig
-from neuroscribe.find_suite import SuiteConfig, eval_points, make_suite
+from neuroscribe.find.dir import load_find_dir, write_find_dir
+from neuroscribe.find.eval import Evaluator, FindConfig
+from neuroscribe.find.function import eval_points
+from neuroscribe.find.suite import SuiteConfig, make_suite
 from neuroscribe.sandbox import SandboxConfig, Worker, run_code
 
 HEADER = ("import numpy as np\nimport scipy.signal\nimport sys\n"
@@ -56,7 +57,7 @@ def find_dir(root: Path) -> Path:
 
 
 def truth_in_sandbox(fns: list, xs: list[float]) -> list[list]:
-    from neuroscribe.find_report import preloads
+    from neuroscribe.find.report import preloads
 
     with Worker(SandboxConfig(timeout=30), {"NEUROSCRIBE_PRELOAD": preloads(fns)}) as w:
         return [w.call(f.code, xs, "f_truth").outputs for f in fns]
@@ -80,7 +81,7 @@ def test_finds_layout_runs_the_listed_folders_with_category_variant_and_interval
 
 
 def test_the_metric_skips_nan_truth_and_scores_like_finds(tmp_path: Path) -> None:
-    from neuroscribe.find_agents import Answer
+    from neuroscribe.find.agents import Answer
 
     log = load_find_dir(find_dir(tmp_path))[1]
     ev = Evaluator(FindConfig(), lambda f, xs: truth_in_sandbox([f], xs)[0],
@@ -112,7 +113,7 @@ def test_generated_suite_round_trips_through_finds_layout(tmp_path: Path) -> Non
 
 
 def test_finds_string_functions_are_scored_by_their_unit_tests(tmp_path: Path) -> None:
-    from neuroscribe.find_agents import Answer
+    from neuroscribe.find.agents import Answer
 
     (tmp_path / "f00001").mkdir()
     (tmp_path / "f00001" / "function_code.py").write_text(
@@ -174,8 +175,8 @@ def test_finds_entity_neurons_and_a_bad_folder_are_clear_errors(tmp_path: Path) 
 
 
 def test_bench_find_runs_a_find_folder_end_to_end(tmp_path: Path) -> None:
-    from neuroscribe.find_eval import bench_find
-    from neuroscribe.llm import LLMConfig
+    from neuroscribe.find.cli import bench_find
+    from neuroscribe.llm.client import LLMConfig
 
     root = find_dir(tmp_path / "find")
     (root / "data.json").write_text(json.dumps(json.loads((root / "data.json").read_text())[:1]))
@@ -188,8 +189,8 @@ def test_bench_find_runs_a_find_folder_end_to_end(tmp_path: Path) -> None:
 def test_offline_string_search_solves_finds_compositions_on_held_out_inputs() -> None:
     """FIND's families, composed, with parameters read off the outputs (a replaced letter,
     a shift, an index): the found code agrees with the function on inputs it never saw."""
-    from neuroscribe.find_string_search import PROBES, search, steps_answer
-    from neuroscribe.find_strings import build_code
+    from neuroscribe.find.string_search import PROBES, search, steps_answer
+    from neuroscribe.find.strings import build_code
 
     for steps in ([("remove_substring", {"c": "a"}), ("subtract_number_to_string", {"n": 3})],
                   [("replace_substring", {"old": "o", "new": "Q"}),

@@ -1,4 +1,4 @@
-"""FIND's string functions (neuroscribe/find_strings.py, data/find/find_strings.json)."""
+"""FIND's string functions (neuroscribe/find/strings.py, data/find/find_strings.json)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from neuroscribe.find_strings import (
+from neuroscribe.find.strings import (
     AVOID,
     COMPOSED,
     FIND_NAMES,

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from neuroscribe import cli
-from neuroscribe import models as models_mod
+import neuroscribe.cli as cli
+import neuroscribe.models as models_mod
 from neuroscribe.formats import NeuronId, NeuronSimulationResults, loads
 from neuroscribe.pipeline import score_path
 
@@ -104,8 +104,8 @@ def check_scores_independently(out: Path, score_cfg: dict[str, Any]) -> None:
 
     import numpy as np
 
-    from neuroscribe.record import RecordStore
-    from neuroscribe.simulate import EmbeddingSimulator, SimulateConfig, simulate_records
+    from neuroscribe.record.core import RecordStore
+    from neuroscribe.simulate.core import EmbeddingSimulator, SimulateConfig, simulate_records
 
     store = RecordStore(out)
     sim = EmbeddingSimulator(SimulateConfig(embed_weight=score_cfg["embed_weight"]))

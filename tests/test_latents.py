@@ -15,8 +15,7 @@ from safetensors import safe_open
 
 from neuroscribe.corpus import iter_contexts, iter_texts
 from neuroscribe.errors import UserError
-from neuroscribe.explain import ExplainConfig, explain, explanation_path
-from neuroscribe.latents import ContextTopK, LatentCache, LatentRecorder, split_bounds
+from neuroscribe.explain.core import ExplainConfig, explain, explanation_path
 from neuroscribe.models import (
     Hookpoint,
     encode_sparse,
@@ -25,7 +24,7 @@ from neuroscribe.models import (
     safe_name,
 )
 from neuroscribe.pipeline import ScoreConfig, score, score_path
-from neuroscribe.record import (
+from neuroscribe.record.core import (
     QUANTILES,
     RecordConfig,
     RecordStore,
@@ -34,7 +33,8 @@ from neuroscribe.record import (
     record,
     store_path,
 )
-from neuroscribe.sae import Sae, SaeConfig
+from neuroscribe.record.latents import ContextTopK, LatentCache, LatentRecorder, split_bounds
+from neuroscribe.sae.model import Sae, SaeConfig
 
 HP = "transformer.h.0.mlp.act"  # 64 units in the tiny GPT-2
 N_LATENTS, K = 96, 4

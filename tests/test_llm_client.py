@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from neuroscribe import llm
+import neuroscribe.llm.client as llm
 from neuroscribe.errors import UserError
-from neuroscribe.llm import (
+from neuroscribe.llm.client import (
     Client,
     LLMConfig,
     LLMError,
@@ -336,7 +336,7 @@ def test_usage_of_sums_distinct_clients_per_stage() -> None:
     """A simulator and scorers sharing one client count once; a second client adds to it."""
     from types import SimpleNamespace
 
-    from neuroscribe.llm import Usage, usage_of
+    from neuroscribe.llm.client import Usage, usage_of
 
     def client_with(**stages: Usage) -> Client:
         c = Client(backend=None, cfg=LLMConfig())  # type: ignore[arg-type]

@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 
-from neuroscribe import explain as explain_mod
-from neuroscribe import pipeline, prompts
-from neuroscribe.explain import ExplainConfig, ExplanationError, explanation_path
-from neuroscribe.explain_llm import (
+import neuroscribe.explain.core as explain_mod
+import neuroscribe.pipeline as pipeline
+import neuroscribe.prompts as prompts
+from neuroscribe.explain.core import ExplainConfig, ExplanationError, explanation_path
+from neuroscribe.explain.llm import (
     CleaningRules,
     ContrastiveExplainer,
     OpenAIExplainer,
@@ -32,10 +33,10 @@ from neuroscribe.formats import (
     NeuronRecord,
     loads,
 )
-from neuroscribe.llm import Client, LLMConfig, Request, Response, ResponseCache, Retryable
+from neuroscribe.llm.client import Client, LLMConfig, Request, Response, ResponseCache, Retryable
 from neuroscribe.pipeline import ScoreConfig, best_candidate, score_path, score_unit
-from neuroscribe.simulate import SimulationError, point_simulation
-from neuroscribe.simulate_llm import (
+from neuroscribe.simulate.core import SimulationError, point_simulation
+from neuroscribe.simulate.llm import (
     JSONSimulator,
     OpenAISimulator,
     parse_json_values,
@@ -221,7 +222,7 @@ def test_each_explainer_refuses_copies_of_the_few_shot_set_it_shows(tmp_path: Pa
 def test_llm_explainers_are_registered() -> None:
     assert {"tokens", "openai", "highlight", "summary", "category", "contrastive"} <= set(
         explain_mod.EXPLAINERS)
-    from neuroscribe.simulate import SIMULATORS
+    from neuroscribe.simulate.core import SIMULATORS
 
     assert {"tokens", "embedding", "openai", "json"} <= set(SIMULATORS)
 
@@ -401,9 +402,9 @@ class FakeStore:
 
 def test_explain_stage_runs_units_concurrently_and_records_usage(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import neuroscribe.record
+    import neuroscribe.record.core
 
-    monkeypatch.setattr(neuroscribe.record, "RecordStore", FakeStore)
+    monkeypatch.setattr(neuroscribe.record.core, "RecordStore", FakeStore)
 
     def reply(req: Request) -> Response:
         user = req.messages[-1][1]

@@ -25,7 +25,8 @@ httpx = pytest.importorskip("httpx", reason="httpx is not installed (the llm ext
 
 from faultproxy import FAULTS, FaultProxy  # noqa: E402
 
-from neuroscribe.llm import (  # noqa: E402
+from neuroscribe.llm.backends import OpenAIBackend  # noqa: E402
+from neuroscribe.llm.client import (  # noqa: E402
     Client,
     LLMConfig,
     LLMError,
@@ -34,7 +35,6 @@ from neuroscribe.llm import (  # noqa: E402
     ResponseCache,
     Retryable,
 )
-from neuroscribe.llm_backends import OpenAIBackend  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -155,7 +155,7 @@ def test_prompt_logprobs_are_aligned_with_the_prompt_tokens(llama_server: str) -
 def test_prompt_logprobs_match_the_local_llamacpp_backend(llama_server: str) -> None:
     """The server's echo logprobs, realigned by OpenAIBackend, equal what LlamaCppBackend
     computes from the same GGUF in process (up to float noise and ties)."""
-    from neuroscribe.llm_backends import LlamaCppBackend
+    from neuroscribe.llm.backends import LlamaCppBackend
 
     local = LlamaCppBackend(LLMConfig(provider="llamacpp", llm_model="smollm2", n_ctx=512))
     local.llm.n_threads = local.llm.n_threads_batch = 2  # as the server
@@ -257,7 +257,7 @@ def test_faults_lose_nothing_and_a_clean_rerun_fills_the_gaps(llama_server: str,
 
 def _outcomes(run_dir: Path, hp: str, units: int) -> dict[int, str]:
     """Each unit's end state: 'scored', or the stage and reason it failed at."""
-    from neuroscribe.explain import explanation_path
+    from neuroscribe.explain.core import explanation_path
     from neuroscribe.pipeline import score_path
 
     out: dict[int, str] = {}
@@ -280,9 +280,9 @@ def test_a_20_unit_run_through_faults_loses_nothing_and_resume_completes_it(
     echo path is tested above) through the fault proxy in front of the SmolLM2 server: every
     unit ends scored or failed with a reason. With the faults off, ``resume`` completes the
     units that failed on a fault, and no request answered before is sent upstream again."""
-    from neuroscribe.explain import ExplainConfig
+    from neuroscribe.explain.core import ExplainConfig
     from neuroscribe.pipeline import ScoreConfig, run
-    from neuroscribe.record import RecordConfig
+    from neuroscribe.record.core import RecordConfig
 
     units, hp = 20, "transformer.h.0.mlp.act"
     port = int(llama_server.rsplit(":", 1)[1].split("/")[0])

@@ -21,11 +21,12 @@ import pytest
 import torch
 import transformers  # noqa: F401 - import (and set up its logging) outside any capsys
 
-from neuroscribe import cli, pipeline
-from neuroscribe import explain as explain_mod
-from neuroscribe import models as models_mod
+import neuroscribe.cli as cli
+import neuroscribe.explain.core as explain_mod
+import neuroscribe.models as models_mod
+import neuroscribe.pipeline as pipeline
 from neuroscribe.corpus import iter_contexts, iter_texts
-from neuroscribe.explain import ExplainConfig, explain, explanation_path
+from neuroscribe.explain.core import ExplainConfig, explain, explanation_path
 from neuroscribe.formats import (
     SPLITS_RANDOM,
     SPLITS_TOP,
@@ -36,7 +37,7 @@ from neuroscribe.formats import (
 )
 from neuroscribe.models import layer_index
 from neuroscribe.pipeline import ScoreConfig, score, score_path
-from neuroscribe.record import QUANTILES, RecordConfig, RecordStore, record, store_path
+from neuroscribe.record.core import QUANTILES, RecordConfig, RecordStore, record, store_path
 
 HP0, HP1 = "transformer.h.0.mlp.act", "transformer.h.1.mlp.act"
 GLOB = "transformer.h.*.mlp.act"
@@ -645,8 +646,8 @@ def test_scorers_without_logprobs_in_the_score_stage(cli_run: Path, tmp_path: Pa
     unit's scores file, the index and the summary; the LLM says 1 to every example."""
     from test_llm_explain import FakeBackend
 
-    from neuroscribe import classify
-    from neuroscribe.llm import Client, LLMConfig, Request, Response
+    import neuroscribe.score.classify as classify
+    from neuroscribe.llm.client import Client, LLMConfig, Request, Response
 
     seen: list[str] = []
 
@@ -701,9 +702,9 @@ def test_program_simulator_in_the_score_stage(cli_run: Path, tmp_path: Path) -> 
     scores, and the simulation it gives (10 on the first quoted token) scored as usual."""
     from test_llm_explain import FakeBackend
 
-    from neuroscribe.llm import Client, LLMConfig, Request, Response
-    from neuroscribe.simulate import SimulateConfig
-    from neuroscribe.simulate_program import ProgramSimulator
+    from neuroscribe.llm.client import Client, LLMConfig, Request, Response
+    from neuroscribe.simulate.core import SimulateConfig
+    from neuroscribe.simulate.program import ProgramSimulator
 
     def reply(req: Request) -> Response:
         word = re.findall(r'"([^"]+)"', req.messages[-1][1])[0]

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from neuroscribe import cli
+import neuroscribe.cli as cli
 from neuroscribe.errors import UserError
-from neuroscribe.llm import LLMError, Request, Response
-from neuroscribe.planted import PlantedConfig, interleave_corpus, load_concepts, plant
-from neuroscribe.planted_judge import EmbeddingJudge, llm_verdict
+from neuroscribe.groundtruth.judge import EmbeddingJudge, llm_verdict
+from neuroscribe.groundtruth.planted import PlantedConfig, interleave_corpus, load_concepts, plant
+from neuroscribe.llm.client import LLMError, Request, Response
 
 HP = "transformer.h.0.mlp.act"
 CONCEPTS = {"concepts": [
@@ -98,7 +98,7 @@ def test_hook_fires_exactly_where_the_rule_says(subject: Any, concepts_file: Pat
 
 def test_recorded_planted_units_equal_the_rule(subject: Any, concepts_file: Path,
                                                corpus_file: Path, tmp_path: Path) -> None:
-    from neuroscribe.record import RecordConfig, RecordStore, record
+    from neuroscribe.record.core import RecordConfig, RecordStore, record
 
     concepts = load_concepts(str(concepts_file))
     planting = plant(subject, HP, concepts, strength=2.5, seed=0)

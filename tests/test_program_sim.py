@@ -12,11 +12,11 @@ import pytest
 from test_llm_explain import client
 
 from neuroscribe.formats import ActivationRecord
-from neuroscribe.llm import Request, Response
+from neuroscribe.groundtruth.puzzles import Puzzle, rank_explanations
+from neuroscribe.llm.client import Request, Response
 from neuroscribe.prompts import load
-from neuroscribe.puzzles import Puzzle, rank_explanations
-from neuroscribe.simulate import SIMULATORS, SimulateConfig, SimulationError
-from neuroscribe.simulate_program import (
+from neuroscribe.simulate.core import SIMULATORS, SimulateConfig, SimulationError
+from neuroscribe.simulate.program import (
     ProgramSimulator,
     coerce_values,
     extract_code,
@@ -192,7 +192,7 @@ def test_request_key_ignores_an_unset_frequency_penalty() -> None:
 
 def test_llama_check_reports_a_crashing_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    from neuroscribe import llm_backends
+    import neuroscribe.llm.backends as llm_backends
 
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
@@ -204,7 +204,7 @@ def test_llama_check_reports_a_crashing_build(tmp_path: Path, monkeypatch: pytes
 
 
 def test_puzzle_check_reports_programs_and_failures(tmp_path: Path) -> None:
-    from neuroscribe.puzzles import PuzzleConfig, check
+    from neuroscribe.groundtruth.puzzles import PuzzleConfig, check
 
     raw = {"of": {"name": "of", "explanation": 'positions following "of"',
                   "false_explanations": ["common words"],

@@ -11,7 +11,7 @@ from importlib import resources
 
 import pytest
 
-from neuroscribe import prompts
+import neuroscribe.prompts as prompts
 from neuroscribe.formats import ActivationRecord
 from neuroscribe.prompts import FewShotNeuron
 
@@ -179,7 +179,7 @@ def test_summary_few_shot_neurons_avoid_the_planted_concepts() -> None:
     """The summary explainer is the one bench-planted reports, so its examples must not teach
     a planted concept: no example marks a token that a planted concept's matcher accepts, in
     the packaged concepts or in the held-out ones."""
-    from neuroscribe.planted import load_concepts
+    from neuroscribe.groundtruth.planted import load_concepts
 
     summary = prompts.few_shot_neurons("summary_examples")
     assert len(summary) == 5

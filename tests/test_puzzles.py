@@ -11,7 +11,7 @@ import pytest
 
 from neuroscribe.errors import UserError
 from neuroscribe.formats import ActivationRecord, ActivationScale, SequenceSimulation
-from neuroscribe.puzzles import (
+from neuroscribe.groundtruth.puzzles import (
     Puzzle,
     closer_to_truth,
     load_puzzles,

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neuroscribe.errors import UserError
-from neuroscribe.record import QUANTILES, Moments, RecordConfig, TopK, UnitRecorder
+from neuroscribe.record.core import QUANTILES, Moments, RecordConfig, TopK, UnitRecorder
 
 # ---------------------------------------------------------------- Moments
 

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 import torch
 
-from neuroscribe.acts import ActsConfig, shuffled, store_batches, tensor_batches, write_store
 from neuroscribe.errors import UserError
-from neuroscribe.sae import Sae, SaeConfig, fvu, l0_of, load_sae
-from neuroscribe.sae_eval import ce_loss_recovered, spliced_metrics, train_sae_stage
-from neuroscribe.sae_losses import STEPS
-from neuroscribe.sae_train import (
+from neuroscribe.sae.acts import ActsConfig, shuffled, store_batches, tensor_batches, write_store
+from neuroscribe.sae.eval import ce_loss_recovered, spliced_metrics, train_sae_stage
+from neuroscribe.sae.losses import STEPS
+from neuroscribe.sae.model import Sae, SaeConfig, fvu, l0_of, load_sae
+from neuroscribe.sae.train import (
     TrainSaeConfig,
     geometric_median,
     init_sae,

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 import torch
 
-from neuroscribe.acts import ActsConfig, model_chunks
 from neuroscribe.errors import UserError
-from neuroscribe.sae import Sae, SaeConfig, load_sae
-from neuroscribe.sae_eval import _eval_ids, ce_loss_recovered, spliced_metrics, train_sae_stage
-from neuroscribe.sae_losses import STEPS
-from neuroscribe.sae_train import TrainSaeConfig, train_sae
+from neuroscribe.sae.acts import ActsConfig, model_chunks
+from neuroscribe.sae.eval import _eval_ids, ce_loss_recovered, spliced_metrics, train_sae_stage
+from neuroscribe.sae.losses import STEPS
+from neuroscribe.sae.model import Sae, SaeConfig, load_sae
+from neuroscribe.sae.train import TrainSaeConfig, train_sae
 
 
 def _sae(arch: str, W_enc: list[list[float]], W_dec: list[list[float]], k: int = 1) -> Sae:

@@ -15,7 +15,7 @@ from neuroscribe.formats import (
     ScoredSequenceSimulation,
     SequenceSimulation,
 )
-from neuroscribe.score import (
+from neuroscribe.score.core import (
     LinearCalibration,
     absolute_dev_explained_score,
     aggregate,
@@ -266,7 +266,7 @@ def test_score_records_length_mismatch() -> None:
 def test_token_match_unescapes_quoted_terms(explanation: str, token: str) -> None:
     import asyncio
 
-    from neuroscribe.simulate import SimulateConfig, TokenMatchSimulator
+    from neuroscribe.simulate.core import SimulateConfig, TokenMatchSimulator
 
     sim = TokenMatchSimulator(SimulateConfig(simulator="tokens"))
     out = asyncio.run(sim.simulate(explanation, ["a", token, " " + token, "b"]))
@@ -274,7 +274,7 @@ def test_token_match_unescapes_quoted_terms(explanation: str, token: str) -> Non
 
 
 def test_quoted_terms_hand_written() -> None:
-    from neuroscribe.simulate import quoted_terms
+    from neuroscribe.simulate.core import quoted_terms
 
     assert quoted_terms('the token "\\""') == {'"'}
     assert quoted_terms('fires on "\\\\"') == {"\\"}
@@ -291,7 +291,7 @@ def test_embedding_simulator_token_match_unescapes() -> None:
 
     import numpy as np
 
-    from neuroscribe.simulate import EmbeddingSimulator, SimulateConfig
+    from neuroscribe.simulate.core import EmbeddingSimulator, SimulateConfig
 
     sim = EmbeddingSimulator(SimulateConfig(embed_weight=0.5))
     sim.embed = lambda texts: np.zeros((len(texts), 384))  # type: ignore[assignment]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from neuroscribe.errors import UserError
-from neuroscribe.toy import NEURONS, ToyConfig, train_toy, unigram_loss
+from neuroscribe.sae.toy import NEURONS, ToyConfig, train_toy, unigram_loss
 
 
 def test_unigram_loss_matches_hand_computed() -> None:

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from neuroscribe.simulate_llm import digit_distribution, simulation_from_value_probs
-from neuroscribe.value_read import expected_value, read_slots, value_probs
+from neuroscribe.simulate.llm import digit_distribution, simulation_from_value_probs
+from neuroscribe.simulate.value_read import expected_value, read_slots, value_probs
 
 NL, OTHER = 10, 11  # token ids: "0".."9" are 0..9, then "\n" and one other token
 CODES = [[v] for v in range(10)] + [[1, 0]]  # "10" is "1" "0"
@@ -99,7 +99,7 @@ def smollm2_vocab():
 @pytest.fixture(scope="module")
 def qwen_vocab():
     llama_cpp = pytest.importorskip("llama_cpp")
-    from neuroscribe.llm_backends import qwen_gguf_path
+    from neuroscribe.llm.backends import qwen_gguf_path
 
     return llama_cpp.Llama(model_path=str(qwen_gguf_path()), vocab_only=True, verbose=False)
 
@@ -130,7 +130,7 @@ class ValueBackend:
         self.requests: list = []
 
     async def complete(self, req):  # noqa: ANN001, ANN201 - the Backend protocol
-        from neuroscribe.llm import Response
+        from neuroscribe.llm.client import Response
 
         self.requests.append(req)
         probs = [[0.4] + [0.0] * 9 + [0.5] if "cat" in seg.split("\n")[-1] else
@@ -141,10 +141,10 @@ class ValueBackend:
 def test_the_openai_simulator_reads_values_and_records_the_mass(tmp_path) -> None:  # noqa: ANN001
     import asyncio
 
-    from neuroscribe import prompts
-    from neuroscribe.llm import Client, LLMConfig, ResponseCache
+    import neuroscribe.prompts as prompts
+    from neuroscribe.llm.client import Client, LLMConfig, ResponseCache
     from neuroscribe.pipeline import ScoreConfig
-    from neuroscribe.simulate_llm import OpenAISimulator
+    from neuroscribe.simulate.llm import OpenAISimulator
 
     backend = ValueBackend()
     c = Client(backend, LLMConfig(retries=0), ResponseCache(tmp_path / "c.sqlite"))
@@ -171,7 +171,7 @@ def test_the_openai_simulator_reads_values_and_records_the_mass(tmp_path) -> Non
 
 
 def test_openai_few_shot_hides_tokens_before_the_first_revealed_one_only_for_unknown() -> None:
-    from neuroscribe import prompts
+    import neuroscribe.prompts as prompts
 
     shots = prompts.few_shot_neurons()
     first = shots[0].records[0].tokens
@@ -184,9 +184,9 @@ def test_openai_few_shot_hides_tokens_before_the_first_revealed_one_only_for_unk
 
 def test_an_unknown_fill_is_a_clear_error() -> None:
     from neuroscribe.errors import UserError
-    from neuroscribe.llm import Client, LLMConfig
+    from neuroscribe.llm.client import Client, LLMConfig
     from neuroscribe.pipeline import ScoreConfig
-    from neuroscribe.simulate_llm import OpenAISimulator
+    from neuroscribe.simulate.llm import OpenAISimulator
 
     with pytest.raises(UserError, match="unknown --sim-fill 'ones'"):
         OpenAISimulator(ScoreConfig(sim_fill="ones"), Client(ValueBackend(), LLMConfig()))
@@ -197,8 +197,8 @@ def test_smollm2_reads_values_through_the_kv_cache() -> None:
     """The real llama.cpp backend: every slot gets a distribution, the KV cache is reused for
     a prompt that shares the few-shot part, and the split 10 costs no stray position."""
     pytest.importorskip("llama_cpp")
-    from neuroscribe.llm import LLMConfig, Request
-    from neuroscribe.llm_backends import LlamaCppBackend
+    from neuroscribe.llm.backends import LlamaCppBackend
+    from neuroscribe.llm.client import LLMConfig, Request
     from neuroscribe.prompts import openai_simulate_segments
 
     b = LlamaCppBackend(LLMConfig(llm_model="smollm2", n_ctx=2048))
@@ -224,8 +224,13 @@ def test_check_simulator_reads_smollm2_above_chance_with_the_mass_on_values(tmp_
     pytest.importorskip("llama_cpp")
     from conftest import make_text
 
-    from neuroscribe.check_simulator import CheckConfig, check, planted_cases, puzzle_cases
-    from neuroscribe.simulate import make_simulator
+    from neuroscribe.groundtruth.check_simulator import (
+        CheckConfig,
+        check,
+        planted_cases,
+        puzzle_cases,
+    )
+    from neuroscribe.simulate.core import make_simulator
 
     cases = puzzle_cases("packaged", 1)
     cases += planted_cases("packaged", make_text(60), n=1, per=2, length=16)[0]
@@ -242,9 +247,9 @@ def test_the_hf_backend_reads_values_and_cuts_its_cache_back(tiny_model) -> None
     whole text, and a second request reuses the shared prefix."""
     import torch
 
-    from neuroscribe.llm import LLMConfig, Request
-    from neuroscribe.llm_hf import HFBackend
-    from neuroscribe.value_read import log_softmax
+    from neuroscribe.llm.client import LLMConfig, Request
+    from neuroscribe.llm.hf import HFBackend
+    from neuroscribe.simulate.value_read import log_softmax
 
     b = HFBackend(LLMConfig(provider="hf", llm_model=str(tiny_model)))
     segs = ("the cat\t", "\n sat\t")

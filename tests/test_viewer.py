@@ -20,10 +20,11 @@ from typing import Any
 
 import pytest
 
-from neuroscribe import cli
-from neuroscribe import viewer_pages as pages
+import neuroscribe.cli as cli
+import neuroscribe.viewer.pages as pages
 from neuroscribe.errors import UserError
-from neuroscribe.viewer import (
+from neuroscribe.viewer.export import export_html
+from neuroscribe.viewer.server import (
     ExportConfig,
     ServeConfig,
     Site,
@@ -31,7 +32,6 @@ from neuroscribe.viewer import (
     make_server,
     respond,
 )
-from neuroscribe.viewer_export import export_html
 
 HP0 = "transformer.h.0.mlp.act"
 HOSTILE = ("<script>alert(1)</script>", '"><img/src=x/onerror=alert(2)>', "javascript:alert(3)",
@@ -150,7 +150,7 @@ def test_index_lists_every_unit_sorted_and_paginated(site: Site, viewer_run: Pat
 
 
 def test_unit_page_shows_records_exactly(site: Site, viewer_run: Path) -> None:
-    from neuroscribe.record import RecordStore
+    from neuroscribe.record.core import RecordStore
 
     nr = RecordStore(viewer_run).neuron_record(HP0, 2)
     status, html = get(site, f"/run/viewer-run/unit/{HP0}/2")

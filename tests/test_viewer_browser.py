@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from test_viewer import HOSTILE, HP0, make_viewer_run
 
-from neuroscribe.viewer import Site, ViewerConfig, make_server
+from neuroscribe.viewer.server import Site, ViewerConfig, make_server
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -67,7 +67,7 @@ def scores(page: Any) -> list[float | None]:
 
 
 def test_browse_sort_search_and_unit(page: Any, base_url: str, viewer_run: Path) -> None:
-    from neuroscribe.record import RecordStore
+    from neuroscribe.record.core import RecordStore
 
     page.goto(base_url + "/")  # redirects to the only run
     assert page.locator("h1").inner_text() == "Units"
@@ -158,8 +158,8 @@ def test_works_without_javascript(browser: Any, base_url: str) -> None:
 
 
 def test_static_site_from_disk(page: Any, viewer_run: Path, tmp_path: Path) -> None:
-    from neuroscribe.viewer import ExportConfig
-    from neuroscribe.viewer_export import export_html
+    from neuroscribe.viewer.export import export_html
+    from neuroscribe.viewer.server import ExportConfig
 
     export_html(viewer_run, tmp_path / "site", ExportConfig(bench=str(tmp_path)))
     page.goto((tmp_path / "site" / "index.html").as_uri())

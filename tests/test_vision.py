@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from neuroscribe.errors import UserError
-from neuroscribe.vision_data import (
+from neuroscribe.vision.data import (
     CELL,
     COLOURS,
     CONTRASTS,
@@ -147,7 +147,7 @@ def _gabor_net(angles: list[float], size: int = 7, freq: float = 0.2) -> torch.n
 
 
 def test_tuning_recovers_hand_built_orientation() -> None:
-    from neuroscribe.vision_channels import describe, measure_tuning
+    from neuroscribe.vision.channels import describe, measure_tuning
 
     angles = [30.0, 90.0, 0.0, 137.0]
     tunings = measure_tuning(_gabor_net(angles), "0")
@@ -159,8 +159,8 @@ def test_tuning_recovers_hand_built_orientation() -> None:
 
 
 def test_description_alone_predicts_a_gabor_channel() -> None:
-    from neuroscribe.vision_channels import describe, measure_tuning, simulate_maps
-    from neuroscribe.vision_cnn import activations
+    from neuroscribe.vision.channels import describe, measure_tuning, simulate_maps
+    from neuroscribe.vision.cnn import activations
 
     net = _gabor_net([60.0, 150.0])
     x, _ = digits("test", limit=40)
@@ -175,8 +175,8 @@ def test_description_alone_predicts_a_gabor_channel() -> None:
 
 
 def test_decode_of_true_outputs_gives_the_true_caption() -> None:
-    from neuroscribe.vision_data import ATTRIBUTES
-    from neuroscribe.vision_verbalize import decode, targets
+    from neuroscribe.vision.data import ATTRIBUTES
+    from neuroscribe.vision.verbalize import decode, targets
 
     truths = primitives(60, 9, "train")[1] + digits("test", limit=10)[1]
     tg = targets(truths)
@@ -191,7 +191,7 @@ def test_decode_of_true_outputs_gives_the_true_caption() -> None:
 
 
 def test_mirrored_truths_describe_the_mirrored_pixels() -> None:
-    from neuroscribe.vision_verbalize import mirrored
+    from neuroscribe.vision.verbalize import mirrored
 
     truths = _truths(80, seed=6, shapes=("line", "circle", "triangle", "cross", "blob"))
     x = np.stack([render(t) for t in truths])
@@ -206,7 +206,7 @@ def test_mirrored_truths_describe_the_mirrored_pixels() -> None:
 
 
 def test_bleu_and_metrics() -> None:
-    from neuroscribe.vision_verbalize import bleu, metrics
+    from neuroscribe.vision.verbalize import bleu, metrics
 
     assert bleu(["a b c d e"], ["a b c d e"]) == pytest.approx(1.0)
     # 4/5 unigrams, 3/4 bigrams, 2/3 trigrams, 1/2 4-grams; same length: no brevity penalty
@@ -220,7 +220,7 @@ def test_bleu_and_metrics() -> None:
 
 
 def test_verbalizer_round_trip_on_a_tiny_model(tmp_path: Path) -> None:
-    from neuroscribe.vision_verbalize import (
+    from neuroscribe.vision.verbalize import (
         VerbalizerConfig,
         evaluate_features,
         load_verbalizer,
@@ -243,7 +243,7 @@ def test_verbalizer_round_trip_on_a_tiny_model(tmp_path: Path) -> None:
 
 
 def test_verbalizer_names_an_object_the_same_wherever_it_is() -> None:
-    from neuroscribe.vision_verbalize import LOCAL, build_verbalizer
+    from neuroscribe.vision.verbalize import LOCAL, build_verbalizer
 
     torch.manual_seed(0)
     model = build_verbalizer(4, hidden=16, depth=1).eval()
@@ -259,7 +259,7 @@ def test_verbalizer_names_an_object_the_same_wherever_it_is() -> None:
 
 
 def test_verbalizer_refuses_bad_depth_and_old_files(tmp_path: Path) -> None:
-    from neuroscribe.vision_verbalize import VerbalizerConfig, load_verbalizer, train_verbalizer
+    from neuroscribe.vision.verbalize import VerbalizerConfig, load_verbalizer, train_verbalizer
 
     x, truths = primitives(4, 0)
     with pytest.raises(UserError, match="--depth must be 1, 2 or 3"):
@@ -270,7 +270,7 @@ def test_verbalizer_refuses_bad_depth_and_old_files(tmp_path: Path) -> None:
 
 
 def test_greyed_replaces_images_by_their_luminance() -> None:
-    from neuroscribe.vision_cnn import greyed
+    from neuroscribe.vision.cnn import greyed
 
     x = torch.zeros(2, 3, 1, 1)
     x[:, :, 0, 0] = torch.tensor([1.0, 0.5, 0.0])
@@ -287,8 +287,9 @@ def test_verbalize_reuses_a_verbalizer_only_for_its_cnn_and_config(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from dataclasses import asdict
 
-    from neuroscribe import vision_cnn, vision_verbalize
-    from neuroscribe.vision_cnn import small_cnn
+    import neuroscribe.vision.cnn as vision_cnn
+    import neuroscribe.vision.verbalize as vision_verbalize
+    from neuroscribe.vision.cnn import small_cnn
 
     cnn_config = {"seed": 0}
     monkeypatch.setattr(vision_cnn, "train_cnn", lambda cfg, out: (small_cnn().eval(),
@@ -317,8 +318,8 @@ def test_verbalize_reuses_a_verbalizer_only_for_its_cnn_and_config(
 
 
 def test_channel_run_writes_text_unit_formats(tmp_path: Path) -> None:
-    from neuroscribe.record import RecordStore
-    from neuroscribe.vision import ChannelConfig, _channel_half
+    from neuroscribe.record.core import RecordStore
+    from neuroscribe.vision.cli import ChannelConfig, _channel_half
 
     torch.set_num_threads(1)
     cfg = ChannelConfig(n_stimuli=8, n_primitives=10, n_digits=10, n_top=8, n_random=6,
@@ -336,7 +337,7 @@ def test_channel_run_writes_text_unit_formats(tmp_path: Path) -> None:
 def test_bad_images_and_folders(tmp_path: Path) -> None:
     from PIL import Image
 
-    from neuroscribe.vision_data import image_files, load_image
+    from neuroscribe.vision.data import image_files, load_image
 
     Image.new("L", (64, 48), 200).save(tmp_path / "grey.png")
     img, note = load_image(tmp_path / "grey.png")
@@ -355,7 +356,7 @@ def test_bad_images_and_folders(tmp_path: Path) -> None:
 
 
 def test_bad_layers_and_models() -> None:
-    from neuroscribe.vision_cnn import activations, conv_layer, load_user_cnn, small_cnn
+    from neuroscribe.vision.cnn import activations, conv_layer, load_user_cnn, small_cnn
 
     net = small_cnn()
     with pytest.raises(UserError, match="'act1' is a ReLU, not a conv layer"):
@@ -366,10 +367,10 @@ def test_bad_layers_and_models() -> None:
         load_user_cnn("no_such_module_xyz:Net")
     with pytest.raises(UserError, match="wants"):
         activations(net, "conv1", np.zeros((2, 5, 32, 32), np.float32))
-    user = load_user_cnn("neuroscribe.vision_cnn:small_cnn")  # a callable returning a module
+    user = load_user_cnn("neuroscribe.vision.cnn:small_cnn")  # a callable returning a module
     assert conv_layer(user, "conv3").out_channels == 64
     with pytest.raises(UserError, match="not a torch nn.Module"):
-        load_user_cnn("neuroscribe.vision_data:SHAPES")
+        load_user_cnn("neuroscribe.vision.data:SHAPES")
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -382,8 +383,8 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) 
 
 
 def test_a_deeper_layer_of_a_cnn(tmp_path: Path) -> None:
-    from neuroscribe.vision import ChannelConfig, _channel_half
-    from neuroscribe.vision_cnn import small_cnn
+    from neuroscribe.vision.cli import ChannelConfig, _channel_half
+    from neuroscribe.vision.cnn import small_cnn
 
     torch.set_num_threads(1)
     net = small_cnn(width=4).eval()
@@ -397,8 +398,8 @@ def test_a_deeper_layer_of_a_cnn(tmp_path: Path) -> None:
 def test_filter_grid_writes_one_cell_per_filter(tmp_path: Path) -> None:
     import matplotlib.image
 
-    from neuroscribe.vision_channels import filter_grid
-    from neuroscribe.vision_data import figure_grid
+    from neuroscribe.vision.channels import filter_grid
+    from neuroscribe.vision.data import figure_grid
 
     fig, cells = figure_grid(6, 4, 3.3)
     assert len(cells) == 6 and len(fig.axes) == 8  # 2 rows x 4, the last two left blank

@@ -1,0 +1,1 @@
+"""Explain a unit in one sentence: the no-LLM baseline and OpenAI's LLM explainers."""

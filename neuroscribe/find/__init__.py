@@ -1,0 +1,1 @@
+"""FIND-style interpretability agents and FIND's own benchmark format."""

@@ -1,0 +1,1 @@
+"""Ground truth with known answers: OpenAI's puzzles, planted neurons, simulator checks."""

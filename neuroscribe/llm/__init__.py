@@ -1,0 +1,1 @@
+"""One client for every LLM: llama.cpp, OpenAI-compatible servers, Anthropic, transformers."""

@@ -1,0 +1,1 @@
+"""Sparse autoencoders: the model, its losses, training, evaluation, activation stores."""

@@ -1,0 +1,1 @@
+"""Score explanations: correlation of simulated and true activations, detection and fuzzing."""

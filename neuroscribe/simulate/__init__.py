@@ -1,0 +1,1 @@
+"""Simulate a unit's activations from its explanation alone."""

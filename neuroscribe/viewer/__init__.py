@@ -1,0 +1,1 @@
+"""The local web viewer of a run."""

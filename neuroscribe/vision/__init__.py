@@ -1,0 +1,1 @@
+"""Vision: a CNN's first-layer channels in words."""
