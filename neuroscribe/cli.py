@@ -80,14 +80,21 @@ def _score(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from neuroscribe.explain.core import ExplainConfig
-    from neuroscribe.pipeline import ScoreConfig, run
-    from neuroscribe.record.core import RecordConfig
+    from neuroscribe.pipeline import run
+    from neuroscribe.run_config import (
+        dump_run_config,
+        load_run_config,
+        stage_configs,
+    )
+    from neuroscribe.runs import atomic_write_text
 
     t0 = time.perf_counter()
     out = Path(args.out)
-    summary = run(config_from(args, RecordConfig), config_from(args, ExplainConfig),
-                  config_from(args, ScoreConfig), out, args.resume)
+    tables = load_run_config(args.config) if args.config else {}
+    given = vars(args) if not args.config else {k: getattr(args, k) for k in args.given}
+    cfgs = stage_configs(tables, given)
+    summary = run(cfgs["record"], cfgs["explain"], cfgs["score"], out, args.resume)
+    atomic_write_text(out / "run.toml", dump_run_config(cfgs))
     _print_summary(out, summary)
     print(f"total time: {time.perf_counter() - t0:.0f}s")
 
@@ -177,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name not in ("hookpoints", "puzzles"):
             p.add_argument("--resume", action="store_true",
                            help="continue a run in this folder, skipping finished work")
+        if name == "run":
+            p.add_argument("--config", default="", help="TOML file with a table per stage "
+                           "([record], [explain], [score]); flags given override it")
         for cls in configs.get(name, []):
             add_config(p, cls)
     for p in sub.choices.values():
@@ -186,8 +196,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options actually present in ``argv`` (defaults suppressed)."""
+    saved = [(a, a.default) for a in parser._actions]
+    try:
+        for a, _ in saved:
+            a.default = argparse.SUPPRESS
+        ns, _ = parser.parse_known_args(argv)
+    finally:
+        for a, d in saved:
+            a.default = d
+    return set(vars(ns))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        args.given = given_flags(sub.choices["run"], argv[argv.index("run") + 1:])
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(message)s")
     try:

@@ -27,14 +27,8 @@ from neuroscribe.find.aia import (
     parse_interval,
 )
 from neuroscribe.find.eval import Evaluator, FindConfig, interval_iou, nmse, nmse_var
-from neuroscribe.find.suite import (
-    FindFunction,
-    SuiteConfig,
-    eval_points,
-    load_suite,
-    make_suite,
-    save_suite,
-)
+from neuroscribe.find.function import FindFunction, eval_points
+from neuroscribe.find.suite import SuiteConfig, load_suite, make_suite, save_suite
 from neuroscribe.find.tools import family_ranking, parse_fit, run_fit, use_fit
 from neuroscribe.llm.client import Client, LLMConfig, Request, Response
 from neuroscribe.sandbox import SandboxConfig, Worker, run_code

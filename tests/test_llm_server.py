@@ -30,6 +30,7 @@ from neuroscribe.llm.client import (  # noqa: E402
     Client,
     LLMConfig,
     LLMError,
+    LLMSetupError,
     Request,
     Response,
     ResponseCache,
@@ -172,7 +173,7 @@ def test_prompt_logprobs_match_the_local_llamacpp_backend(llama_server: str) -> 
 
 def test_http_errors_map_to_llmerror_or_retryable(llama_server: str) -> None:
     backend = OpenAIBackend(config(llama_server.replace("/v1", "/nope")))
-    with pytest.raises(LLMError, match="HTTP 404"):
+    with pytest.raises(LLMSetupError, match="HTTP 404: not found: check --base-url"):
         run(backend.complete(Request(prompt="x", max_tokens=1)))
     dead = OpenAIBackend(config(f"http://{HOST}:{_free_port()}/v1", timeout=2.0))
     with pytest.raises(Retryable, match="ConnectError"):

@@ -187,7 +187,7 @@ async def _explain_units(cfg: ExplainConfig, run_dir: Path, store: Any, explaine
     """Explain every unit of ``todo``; True for each unit that has an explanation."""
     from tqdm import tqdm
 
-    in_flight = asyncio.Semaphore(max(1, 2 * cfg.concurrency))  # bounds records in memory
+    in_flight = asyncio.Semaphore(2 * max(1, cfg.concurrency or 4))  # bounds records in memory
     bar = tqdm(total=len(todo), desc="explain", unit="unit", disable=None)
 
     async def one(hp: str, unit: int) -> bool:

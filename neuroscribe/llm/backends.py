@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from neuroscribe.errors import UserError
-from neuroscribe.llm.client import LLMConfig, LLMError, Request, Response, Retryable
+from neuroscribe.llm.client import (
+    LLMConfig,
+    LLMError,
+    LLMSetupError,
+    Request,
+    Response,
+    Retryable,
+)
 
 QWEN_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 QWEN_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
@@ -172,6 +179,13 @@ class LlamaCppBackend:
         return await asyncio.to_thread(self._run, req)
 
 
+SETUP_ERRORS = {  # the endpoint's answer, with what to fix
+    401: "authentication failed: check the key in ${self.key_env} (--api-key-env)",
+    403: "forbidden: the key in ${self.key_env} may not use this model or endpoint",
+    404: "not found: check --base-url and --llm-model {self.model!r}",
+}
+
+
 class _HTTPBackend:
     """Shared HTTP plumbing: status codes and broken bodies become Retryable or LLMError."""
 
@@ -185,7 +199,8 @@ class _HTTPBackend:
         self.httpx = httpx
         self.model = cfg.llm_model
         self.base = (cfg.base_url or self.default_url).rstrip("/")
-        self.key = os.environ.get(cfg.api_key_env, "")
+        self.key_env = cfg.api_key_env
+        self.key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
         self.timeout = cfg.timeout
         self._client: Any = None
         self._loop: Any = None
@@ -204,6 +219,10 @@ class _HTTPBackend:
             raise Retryable(f"{type(e).__name__}: {e}") from e
         if r.status_code == 429 or r.status_code >= 500:
             raise Retryable(f"HTTP {r.status_code}")
+        if r.status_code in SETUP_ERRORS:
+            raise LLMSetupError(f"{self.base}{path} answered HTTP {r.status_code}: "
+                                f"{SETUP_ERRORS[r.status_code].format(self=self)} "
+                                f"({' '.join(r.text[:160].split())})")
         if r.status_code >= 400:
             raise LLMError(f"HTTP {r.status_code}: {r.text[:200]}")
         try:

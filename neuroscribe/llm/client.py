@@ -35,21 +35,62 @@ class LLMConfig:
 
     provider: str = opt("llamacpp", "llamacpp (local GGUF), openai (any OpenAI-compatible "
                         "endpoint), anthropic, or hf (local transformers)")
-    llm_model: str = opt("qwen2.5-coder-1.5b", "model: for llamacpp a .gguf path, "
-                         "'qwen2.5-coder-1.5b' or 'smollm2'; for HTTP the served model name; "
-                         "for hf a folder or hub id")
+    llm_model: str = opt("", "model: for llamacpp a .gguf path, 'qwen2.5-coder-1.5b' (the "
+                         "default) or 'smollm2'; for HTTP providers the served model name "
+                         "(required); for hf a folder or hub id (required)")
     base_url: str = opt("", "HTTP base URL, e.g. http://127.0.0.1:8000/v1 (default: the "
                         "provider's public API)")
-    api_key_env: str = opt("OPENAI_API_KEY", "environment variable that holds the API key")
-    concurrency: int = opt(4, "LLM requests in flight at once")
+    api_key_env: str = opt("", "environment variable that holds the API key (default: "
+                           "OPENAI_API_KEY for openai, ANTHROPIC_API_KEY for anthropic)")
+    concurrency: int = opt(0, "LLM requests in flight at once (0: 1 for the in-process "
+                           "llamacpp and hf backends, 8 for HTTP providers)")
     retries: int = opt(5, "retries on 429, 5xx, timeouts and malformed replies")
-    timeout: float = opt(120.0, "seconds before a request is abandoned and retried (HTTP "
-                         "providers; in-process llamacpp and hf calls cannot be stopped, so "
-                         "they run to the end)")
+    timeout: float = opt(120.0, "seconds before an HTTP request is abandoned and retried "
+                         "(in-process llamacpp and hf calls cannot be stopped: they run to "
+                         "the end, however long a CPU takes)")
     cache_dir: str = opt("", "response cache folder (default: ~/.cache/neuroscribe/llm)")
     n_ctx: int = opt(4096, "context size of a local llamacpp model")
     price_in: float = opt(0.0, "USD per million prompt tokens, for cost accounting")
     price_out: float = opt(0.0, "USD per million completion tokens, for cost accounting")
+
+
+@dataclass(frozen=True)
+class Provider:
+    """What a provider needs when the user gives nothing: its model, key and concurrency."""
+
+    in_process: bool  # llamacpp and hf run in this process, one request at a time
+    model: str = ""  # "" : the user must name one
+    key_env: str = ""
+
+
+PROVIDERS = {
+    "llamacpp": Provider(in_process=True, model="qwen2.5-coder-1.5b"),
+    "hf": Provider(in_process=True),
+    "openai": Provider(in_process=False, key_env="OPENAI_API_KEY"),
+    "anthropic": Provider(in_process=False, key_env="ANTHROPIC_API_KEY"),
+}
+HTTP_CONCURRENCY = 8
+
+
+def resolve(cfg: LLMConfig) -> LLMConfig:
+    """``cfg`` with the provider's defaults filled in; a provider that needs a model and got
+    none is an error."""
+    if cfg.provider not in PROVIDERS:
+        raise UserError(f"unknown LLM provider {cfg.provider!r}; have {sorted(PROVIDERS)}")
+    p = PROVIDERS[cfg.provider]
+    model = cfg.llm_model or p.model
+    if not model:
+        raise UserError(f"--provider {cfg.provider} needs --llm-model: the "
+                        + ("served model's name (e.g. gpt-4o-mini, or what your vLLM server "
+                           "serves)" if not p.in_process else "a local folder or a hub id"))
+    return dataclasses.replace(
+        cfg, llm_model=model, api_key_env=cfg.api_key_env or p.key_env,
+        concurrency=cfg.concurrency or (1 if p.in_process else HTTP_CONCURRENCY))
+
+
+class LLMSetupError(UserError):
+    """The endpoint refused who we are or what we asked for (HTTP 401, 403, 404): no unit can
+    succeed, so the stage stops at once instead of failing every unit."""
 
 
 # Newer fields: in the cache key only when set, so the keys of requests cached before they
@@ -161,7 +202,7 @@ class Client:
         # such as the puzzle check run one asyncio.run per item with the same client.
         loop = asyncio.get_running_loop()
         if self._sem is None or self._sem_loop is not loop:
-            self._sem, self._sem_loop = asyncio.Semaphore(self.cfg.concurrency), loop
+            self._sem, self._sem_loop = asyncio.Semaphore(self.cfg.concurrency or 1), loop
         return self._sem
 
     @property
@@ -244,8 +285,7 @@ def make_client(cfg: LLMConfig) -> Client:
     """The configured backend wrapped in a Client, with the persistent cache."""
     import importlib
 
-    if cfg.provider not in BACKENDS:
-        raise UserError(f"unknown LLM provider {cfg.provider!r}; have {sorted(BACKENDS)}")
+    cfg = resolve(cfg)
     module, _, cls = BACKENDS[cfg.provider].partition(":")
     backend = getattr(importlib.import_module(module), cls)(cfg)
     cache = ResponseCache(Path(cfg.cache_dir or default_cache_dir()) / "responses.sqlite")
