@@ -1,16 +1,19 @@
 """Run untrusted code (agent-written or a benchmark function) in a confined subprocess.
 
-Layers, each reported when it trips:
+The boundary is the kernel's: each process runs under bubblewrap with its own namespaces, no
+network, a read-only system and a private working folder (``isolation.py``). Inside it, in
+depth, each reported when it trips:
 
 - a wall-clock timeout, after which the whole process group is killed (``timeout``);
 - ``setrlimit``: address space (``memory``), CPU seconds (``cpu``), processes (when not root,
   since Linux does not apply RLIMIT_NPROC to root), file size, open files, no core dumps;
-- no network: a fresh network namespace when the parent may create one (root), and in any
-  case an audit hook that refuses sockets (``blocked``);
-- no writes or deletes outside the job's own temporary folder, no reads of the user's home
-  (except the Python installation, which may live there), no new processes and no ctypes:
-  the audit hook of ``sandbox_child.py``; as root, also a drop to uid ``nobody`` when the
-  interpreter is reachable by it.
+- an audit hook (``sandbox_child.py``) that refuses sockets, new processes, ctypes, writes
+  outside the working folder and reads of the user's home (``blocked``). A hook is not a
+  boundary (code can switch it off); it reports honest mistakes early.
+
+``isolation="none"`` (``--sandbox none``) is an explicit opt-out, logged and recorded in the
+run's config: the limits and the hook only, in a temporary folder, with a fresh network
+namespace and a drop to uid ``nobody`` where root may make them.
 
 ``run_code`` runs one job in a fresh process; ``Worker`` keeps one process serving many jobs
 (restarted after a crash or a hang), for functions that are slow to start.
@@ -18,8 +21,11 @@ Layers, each reported when it trips:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import functools
 import json
+import logging
 import os
 import re
 import selectors
@@ -34,12 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import neuroscribe.isolation as isolation
 from neuroscribe.runs import opt
 
 CHILD = str(Path(__file__).with_name("sandbox_child.py"))
 FENCED = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.S)
 CLONE_NEWNET = 0x40000000
 NOBODY = 65534
+log = logging.getLogger("neuroscribe")
 
 
 @dataclass
@@ -51,7 +59,10 @@ class SandboxConfig:
     cpu_seconds: int = opt(20, "CPU-time limit of a sandboxed process in seconds")
     max_procs: int = opt(32, "process limit (RLIMIT_NPROC; not applied by Linux to root)")
     file_mb: int = opt(16, "largest file a sandboxed process may write, in MiB")
-    isolate_network: bool = opt(True, "run in a new network namespace when permitted")
+    isolate_network: bool = opt(True, "with isolation none: a new network namespace when "
+                                "permitted")
+    isolation: str = opt("bwrap", "bwrap (kernel namespaces: the boundary) or none (explicit "
+                         "opt-out: resource limits and an audit hook only; not safe)")
 
 
 @dataclass
@@ -67,6 +78,18 @@ class SandboxResult:
         return self.status == "ok"
 
 
+@functools.lru_cache(maxsize=1)
+def _warn_unconfined() -> None:
+    log.warning("sandbox none: untrusted code runs without isolation (resource limits and an "
+                "audit hook only)")
+
+
+@functools.lru_cache(maxsize=1)
+def _spawner() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                 thread_name_prefix="neuroscribe-sandbox")
+
+
 def _reachable_by_others(path: str) -> bool:
     p = Path(path).resolve()
     return all(os.stat(d).st_mode & 0o001 for d in [*reversed(p.parents), p.parent])
@@ -80,7 +103,8 @@ def drop_uid() -> int | None:
         else None
 
 
-def _preexec(cfg: SandboxConfig, uid: int | None) -> Any:
+def _preexec(cfg: SandboxConfig, uid: int | None, cgroup: Path | None = None,
+             new_net: bool = True) -> Any:
     import resource
 
     def limit(kind: int, value: int, slack: int = 0) -> None:
@@ -89,7 +113,9 @@ def _preexec(cfg: SandboxConfig, uid: int | None) -> Any:
 
     def run() -> None:
         os.setsid()
-        if cfg.isolate_network and os.geteuid() == 0:
+        if cgroup is not None:
+            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+        if new_net and cfg.isolate_network and os.geteuid() == 0:
             import ctypes
 
             ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET)  # best effort
@@ -140,8 +166,13 @@ class Worker:
     the code does (a hang or a crash is a result, and the next call starts a new process)."""
 
     def __init__(self, cfg: SandboxConfig, extra_env: dict[str, str] | None = None,
-                 startup_timeout: float = 0.0) -> None:
-        self.cfg, self.extra_env = cfg, dict(extra_env or {})
+                 startup_timeout: float = 0.0, ro_binds: tuple[str, ...] = ()) -> None:
+        isolation.check(cfg.isolation)
+        if cfg.isolation == "none":
+            _warn_unconfined()
+        self.cfg, self.extra_env, self.ro_binds = cfg, dict(extra_env or {}), ro_binds
+        self.cgroup: Path | None = None
+        self.inner_root = ""
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self.root = ""
@@ -151,17 +182,29 @@ class Worker:
 
     def _start(self) -> None:
         self.root = tempfile.mkdtemp(prefix="neuroscribe-sandbox-")
-        uid = drop_uid()
-        if uid is not None:
-            os.chown(self.root, uid, uid)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-I", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, cwd=self.root, env=_env(self.root, self.extra_env),
-            preexec_fn=_preexec(self.cfg, uid), close_fds=True)  # noqa: PLW1509
+        if self.cfg.isolation == "bwrap":
+            self.inner_root = isolation.WORK
+            self.cgroup = isolation.pids_cgroup(os.path.basename(self.root), self.cfg.max_procs)
+            argv = isolation.bwrap_argv(CHILD, _env(isolation.WORK, self.extra_env),
+                                        self.ro_binds, tmpfs_mb=max(64, 4 * self.cfg.file_mb))
+            env, uid = {"PATH": "/usr/bin:/bin"}, None
+        else:
+            self.inner_root = self.root
+            uid = drop_uid()
+            if uid is not None:
+                os.chown(self.root, uid, uid)
+            argv, env = [sys.executable, "-I", CHILD], _env(self.root, self.extra_env)
+        # Started from one long-lived thread: bwrap's --die-with-parent follows the thread
+        # that forked it, and an executor thread that exits would take the sandbox with it.
+        self.proc = _spawner().submit(
+            subprocess.Popen, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, cwd=self.root, env=env, close_fds=True,
+            preexec_fn=_preexec(self.cfg, uid, self.cgroup,  # noqa: PLW1509
+                                new_net=self.cfg.isolation == "none")).result()
         self.buf = b""
         # An owner that never calls close (or dies of an exception) still leaves no process
         # and no folder behind: this runs when the Worker is collected or Python exits.
-        self._reaper = weakref.finalize(self, _reap, self.proc, self.root)
+        self._reaper = weakref.finalize(self, _reap, self.proc, self.root, self.cgroup)
 
     def _read_line(self, deadline: float) -> bytes | None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -188,8 +231,9 @@ class Worker:
         assert self.proc is not None and self.proc.stdin is not None
         job: dict[str, Any] = {"code": code, "entry": entry, "inputs": inputs}
         if first:
-            job.update(root=self.root, home=os.path.expanduser("~"), allow=_allowed_reads(),
-                       serve=True)
+            job.update(root=self.inner_root, home=os.path.expanduser("~"),
+                       allow=_allowed_reads() + list(self.ro_binds), serve=True,
+                       kernel_boundary=self.cfg.isolation == "bwrap")
         wait = (timeout or self.cfg.timeout) + (self.startup_timeout if first else 0.0)
         try:
             self.proc.stdin.write((json.dumps(job) + "\n").encode())
@@ -225,10 +269,14 @@ class Worker:
             except subprocess.TimeoutExpired:
                 pass
             rc = self.proc.returncode if self.proc.returncode is not None else -9
+            if self.cfg.isolation == "bwrap" and rc > 128:  # bwrap exits 128 + the signal
+                rc = 128 - rc  # that killed the sandboxed process: report it as Popen would
             self.proc, self.restarts = None, self.restarts + 1
         if self.root:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = ""
+        isolation.remove_cgroup(self.cgroup)
+        self.cgroup = None
         if self._reaper is not None:
             self._reaper.detach()
             self._reaper = None
@@ -241,13 +289,14 @@ class Worker:
         self.close()
 
 
-def _reap(proc: subprocess.Popen[bytes], root: str) -> None:
+def _reap(proc: subprocess.Popen[bytes], root: str, cgroup: Path | None = None) -> None:
     """What ``Worker.close`` does, for a Worker nobody closed."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
     shutil.rmtree(root, ignore_errors=True)
+    isolation.remove_cgroup(cgroup)
 
 
 def fenced_code(text: str) -> str | None:

@@ -5,7 +5,8 @@ It reads one JSON job from stdin, installs an audit hook that confines the job (
 deletes only inside its temporary folder, no reads of the user's home, no sockets, no new
 processes, no ctypes), then runs the job's code and writes one JSON line to stdout.
 
-Job: ``{"code", "entry", "inputs", "root", "home", "allow": [...], "serve": bool}``. The entry
+Job: ``{"code", "entry", "inputs", "root", "home", "allow": [...], "serve": bool,
+"kernel_boundary": bool}``. The entry
 function is called once per input; an input that raises gives ``null`` and its error. With
 ``serve`` it keeps reading ``{"code", "entry", "inputs"}`` lines and answers each one, so a
 slow-to-start function (e.g. one that loads an embedding model) starts once.
@@ -178,6 +179,11 @@ def main() -> None:
         helpers["embed"] = _embed_helper(os.environ["NEUROSCRIBE_EMBED_PATH"])
     env: dict[str, Any] = {"helpers": helpers, "_compiled": {}}
     home = os.path.realpath(job["home"]) if job.get("home") else ""
+    if job.get("kernel_boundary"):  # the kernel confines the process, so the libraries
+        # that import ctypes, socket or a subprocess module (scipy, torch) import; starting a
+        # process and opening a socket stay refused here too
+        BLOCKED_IMPORTS.clear()  # the events below still refuse their use
+        BLOCKED.difference_update({e for e in BLOCKED if e.startswith("ctypes.")})
     sys.addaudithook(make_hook(root, home, [os.path.realpath(a) for a in job.get("allow", [])]))
     write = sys.__stdout__.write
     write(json.dumps(run_job(job, env)) + "\n")

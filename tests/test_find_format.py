@@ -154,8 +154,11 @@ def test_finds_mlp_functions_run_with_torch_and_cpu_weights(tmp_path: Path) -> N
     (tmp_path / "func_name_dict.json").write_text(json.dumps({"f00000": "load_mlp.py"}))
     (fn,) = load_find_dir(tmp_path)
     assert fn.params["variant"] == "mlp"
+    from neuroscribe.find.report import function_folders
+
+    assert function_folders([fn]) == (str(d.resolve()),)  # bound read-only into the sandbox
     with Worker(SandboxConfig(timeout=60, memory_mb=0), {"NEUROSCRIBE_PRELOAD": "torch"},
-                startup_timeout=120) as w:
+                startup_timeout=120, ro_binds=function_folders([fn])) as w:
         r = w.call(fn.code, [2.5], "f_truth")
     with torch.no_grad():
         want = net.layers(torch.tensor([[2.5]])).item()

@@ -45,6 +45,8 @@ class FindConfig:
     fn_timeout: float = opt(30.0, "wall-clock seconds per call of a function")
     code_timeout: float = opt(10.0, "wall-clock seconds to run an answer's code")
     memory_mb: int = opt(1024, "memory limit of sandboxed code in MiB")
+    sandbox: str = opt("bwrap", "isolation of functions and agent code: bwrap (kernel "
+                       "namespaces) or none (explicit opt-out, not safe)")
     n_heldout: int = opt(40, "held-out inputs per string function")
     n_unit_tests: int = opt(10, "three-way unit tests per entity neuron")
     suite: str = opt("", "instead of generating one: a saved suite.json, or find:DIR for a "

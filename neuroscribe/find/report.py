@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import statistics
 import time
 from collections import defaultdict
@@ -58,16 +59,26 @@ def preloads(fns: list[FindFunction]) -> str:
                                                   in f.code for f in fns))
 
 
-def make_workers(cfg: FindConfig, preload: str = "") -> dict[str, Worker]:
+def function_folders(fns: list[FindFunction]) -> tuple[str, ...]:
+    """The folders of functions loaded from FIND's layout (their code sets ``__file__``, and
+    FIND's MLP functions read their weights beside it): bound read-only into the sandbox."""
+    found = {str(Path(m.group(1)).parent) for fn in fns
+             if (m := re.match(r"__file__ = '([^']+)'", fn.code))}
+    return tuple(sorted(found))
+
+
+def make_workers(cfg: FindConfig, preload: str = "", binds: tuple[str, ...] = ()
+                 ) -> dict[str, Worker]:
     """Sandboxed workers per category; the numeric one imports ``preload`` before its audit
     hook is set (FIND's code imports scipy, and its MLP functions torch)."""
     from neuroscribe.simulate.core import embedding_model_path
 
-    base = SandboxConfig(timeout=cfg.fn_timeout, memory_mb=cfg.memory_mb, cpu_seconds=36000)
+    base = SandboxConfig(timeout=cfg.fn_timeout, memory_mb=cfg.memory_mb, cpu_seconds=36000,
+                         isolation=cfg.sandbox)
     entity = dataclasses.replace(base, memory_mb=0)  # torch reserves much address space
     numeric = (Worker(entity if "torch" in preload else base,
-                      {"NEUROSCRIBE_PRELOAD": preload}, startup_timeout=300.0)
-               if preload else Worker(base))
+                      {"NEUROSCRIBE_PRELOAD": preload}, startup_timeout=300.0, ro_binds=binds)
+               if preload else Worker(base, ro_binds=binds))
     return {"numeric": numeric, "string": Worker(base), "puzzle": Worker(base),
             "entity": Worker(entity, {"NEUROSCRIBE_EMBED_PATH": str(embedding_model_path())},
                              startup_timeout=300.0)}
@@ -117,7 +128,7 @@ async def run_bench(cfg: FindConfig, suite_cfg: SuiteConfig, llm_cfg: Any,
     else:
         fns = make_suite(suite_cfg)
     save_suite(fns, suite_cfg, out / "suite.json")
-    workers = make_workers(cfg, preloads(fns))
+    workers = make_workers(cfg, preloads(fns), function_folders(fns))
 
     def truth(fn: FindFunction, xs: list[Any]) -> list[Any]:
         r = workers[fn.category].call(fn.code, xs, "f_truth", cfg.fn_timeout)
@@ -126,7 +137,7 @@ async def run_bench(cfg: FindConfig, suite_cfg: SuiteConfig, llm_cfg: Any,
         return r.outputs
 
     code_cfg = SandboxConfig(timeout=cfg.code_timeout, memory_mb=cfg.memory_mb,
-                             cpu_seconds=int(cfg.code_timeout) + 5)
+                             cpu_seconds=int(cfg.code_timeout) + 5, isolation=cfg.sandbox)
     evaluator = Evaluator(cfg, truth, lambda code, xs: run_code(code, xs, code_cfg))
     results = []
     try:

@@ -54,6 +54,8 @@ class SimulateConfig(LLMConfig):
                                "program that fails on the probe text")
     program_timeout: float = opt(10.0, "program simulator: sandbox seconds per call (all the "
                                  "records of a unit)")
+    sandbox: str = opt("bwrap", "program simulator: isolation of the written code: bwrap "
+                       "(kernel namespaces) or none (explicit opt-out, not safe)")
 
 
 class SimulationError(Exception):

@@ -81,7 +81,7 @@ class ProgramSimulator(LLMSimulator):
 
     def __init__(self, cfg: SimulateConfig, client: Any = None) -> None:
         super().__init__(cfg, client)
-        self.worker = Worker(SandboxConfig(timeout=cfg.program_timeout))
+        self.worker = Worker(SandboxConfig(timeout=cfg.program_timeout, isolation=cfg.sandbox))
         self.programs: dict[str, str | SimulationError] = {}
         self.pending: dict[str, asyncio.Task[str | SimulationError]] = {}
         self.lock = threading.Lock()  # one sandbox process serves every call, one at a time
