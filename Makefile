@@ -34,12 +34,15 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PY) -c "from neuroscribe.corpus import default_corpus_files as f; print(len(f()), 'corpus files')"
 	touch $(STAMP)
 
-# What only the tests need: pytest, ruff, mkdocs, and Debian's Chromium for the viewer's
-# browser tests (Playwright drives it; it downloads none).
+# What only the tests need: pytest, ruff, mkdocs, Debian's Chromium for the viewer's browser
+# tests (Playwright drives it; it downloads none) and bubblewrap for the sandbox's.
 install-test: $(TEST_STAMP)
 
 $(TEST_STAMP): $(STAMP)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	# bubblewrap: the kernel sandbox for LLM-written and benchmark code (bench-find, the
+	# program simulator)
+	command -v bwrap >/dev/null || (apt-get update -qq && apt-get install -y -qq bubblewrap)
 	$(PIP) install -c constraints.txt -e '.[local,llm,test]'
 	touch $(TEST_STAMP)
 
