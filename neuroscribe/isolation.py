@@ -21,8 +21,10 @@ import contextlib
 import functools
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -115,6 +117,9 @@ def pids_cgroup(name: str, max_procs: int) -> Path | None:
     if os.geteuid() != 0 or not (PIDS_ROOT / "cgroup.procs").exists():
         return None
     path = PIDS_ROOT / "neuroscribe" / name
+    for stale in (PIDS_ROOT / "neuroscribe").glob("neuroscribe-sandbox-*"):
+        with contextlib.suppress(OSError):  # left by a killed parent; a live one is not empty
+            stale.rmdir()
     try:
         path.mkdir(parents=True, exist_ok=True)
         (path / "pids.max").write_text(str(max_procs))
@@ -123,7 +128,23 @@ def pids_cgroup(name: str, max_procs: int) -> Path | None:
     return path
 
 
-def remove_cgroup(path: Path | None) -> None:
-    if path is not None:
+def remove_cgroup(path: Path | None, wait: float = 5.0) -> None:
+    """Kill whatever is left in the cgroup, then remove it (a cgroup with processes cannot
+    be removed, and the kernel reaps a dying namespace asynchronously)."""
+    if path is None:
+        return
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
+        except OSError:
+            return
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
             path.rmdir()
+            return
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.02)

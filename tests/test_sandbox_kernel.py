@@ -145,6 +145,30 @@ def test_resource_attacks_with_the_hook_off(name: str, body: str, statuses: set[
     assert run_code("def f(x):\n    return x + 1", [1], CFG).outputs == [2]
 
 
+def test_the_process_limit_holds_with_the_hook_off() -> None:
+    """Children that stay alive: forking stops at the limit (a pids cgroup as root, where
+    Linux ignores RLIMIT_NPROC; RLIMIT_NPROC otherwise), not at the machine's pid_max."""
+    code = DISARM + textwrap.dedent("""
+        import time
+        def f(x):
+            n = 0
+            while n < 1000:
+                try:
+                    pid = os.fork()
+                except OSError as e:
+                    return [n, type(e).__name__]
+                if pid == 0:
+                    time.sleep(30)
+                    os._exit(0)
+                n += 1
+            return [n, "no limit"]
+        """)
+    r = run_code(code, [0], SandboxConfig(timeout=20.0, cpu_seconds=5, max_procs=16))
+    assert r.ok, r.reason
+    n, why = r.outputs[0]
+    assert n < 16 and why == "BlockingIOError", r.outputs
+
+
 def test_privilege_and_proc_writes_are_refused() -> None:
     code = DISARM + textwrap.dedent("""
         def write(path, text):
