@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from generated import write_or_check
+
 OUT = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 
 
@@ -45,15 +47,7 @@ def reference() -> str:
 
 
 def main() -> int:
-    text = reference()
-    if "--check" in sys.argv[1:]:
-        if not OUT.exists() or OUT.read_text() != text:
-            print(f"{OUT} is stale: run python scripts/cli_reference.py", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text)
-    print(f"wrote {OUT}")
-    return 0
+    return write_or_check(OUT, reference(), "python scripts/cli_reference.py")
 
 
 if __name__ == "__main__":

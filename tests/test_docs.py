@@ -58,6 +58,6 @@ def test_python_api_example_runs(tmp_path: Path) -> None:
 
 
 def test_bench_results_md_is_current() -> None:
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "results_md.py"), "--check"],
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "results_md.py"), "--check"],
                        capture_output=True, text=True, env=ENV, timeout=120)
     assert r.returncode == 0, r.stderr

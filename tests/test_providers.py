@@ -100,10 +100,6 @@ def test_a_setup_error_stops_the_explain_stage_at_once(
     assert stage["complete"] is False
 
 
-def test_setup_errors_are_user_errors_not_retried() -> None:
-    assert issubclass(LLMSetupError, UserError)
-
-
 TOML = """
 [record]
 max_tokens = 2000
@@ -164,3 +160,33 @@ def test_cli_run_reads_the_config_and_saves_it(tiny_model: Path, corpus_file: Pa
     assert saved["record"]["max_tokens"] == 2000  # from the file
     assert saved["record"]["ctx_len"] == 16  # the flag wins over the file
     assert json.loads((out / "explain.json").read_text())["config"]["units"] == "first:2"
+
+
+class _Refused:
+    """An agent or explainer whose LLM endpoint refuses the key."""
+
+    async def solve(self, box: object, category: str) -> None:
+        raise LLMSetupError("HTTP 401: authentication failed")
+
+    async def explain(self, records: object, background: object) -> None:
+        raise LLMSetupError("HTTP 401: authentication failed")
+
+
+def test_a_setup_error_ends_a_find_run_instead_of_failing_each_function() -> None:
+    import asyncio
+
+    from neuroscribe.find.eval import FindConfig
+    from neuroscribe.find.function import FindFunction
+    from neuroscribe.find.report import solve_one
+
+    fn = FindFunction("f", "numeric", "linear", "x", "[-128, 128]", "def f(x):\n    return x")
+    with pytest.raises(LLMSetupError):
+        asyncio.run(solve_one(_Refused(), fn, None, FindConfig()))  # type: ignore[arg-type]
+
+
+def test_a_setup_error_ends_the_puzzle_check_instead_of_failing_each_puzzle() -> None:
+    from neuroscribe.groundtruth.puzzles import PuzzleConfig, check
+
+    cfg = PuzzleConfig(simulators="", explainers="refused")
+    with pytest.raises(LLMSetupError):
+        check(cfg, lambda name: None, lambda name: _Refused())

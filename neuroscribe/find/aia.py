@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from neuroscribe.errors import UserError
 from neuroscribe.find.agents import CODE_CATEGORIES, Answer, BlackBox, FunctionFailure, load_data
 from neuroscribe.find.tools import (
     ModelFit,
@@ -392,6 +393,8 @@ class LLMAgent:
                     note = fitted  # a CALL and a FIT in one reply: the fit uses the new data
         except FunctionFailure as e:
             return done(Answer(failure=str(e)))
+        except UserError:  # a setup error (401, 403, 404) ends the run, not one function
+            raise
         except Exception as e:  # noqa: BLE001 - an LLM or backend failure ends this function
             return done(Answer(failure=f"LLM error: {type(e).__name__}: {e}"[:300]))
         return done(Answer(failure="no final answer"))

@@ -99,6 +99,8 @@ async def solve_one(agent: Any, fn: FindFunction, worker: Worker, cfg: FindConfi
         ans = await agent.solve(box, fn.category)
     except FunctionFailure as e:
         ans = Answer(failure=str(e))
+    except UserError:  # e.g. the LLM endpoint refuses the key: no function can succeed
+        raise
     except Exception as e:  # noqa: BLE001 - one agent failing on one function is a result
         ans = Answer(failure=f"agent error: {type(e).__name__}: {e}"[:300])
     ans.n_inputs = box.n_inputs

@@ -128,6 +128,8 @@ def check(cfg: PuzzleConfig, make_simulator: Any, make_explainer: Any) -> dict[s
         for p in puzzles:
             try:
                 text = asyncio.run(explainer.explain(p.records, []))[0]
+            except UserError:  # a setup error (401, 403, 404) fails every puzzle alike
+                raise
             except Exception as e:  # noqa: BLE001 - a failed puzzle is counted, not fatal
                 per_e[p.name] = {"explanation": None, "failure": str(e), "closer": False}
                 continue
