@@ -21,10 +21,18 @@ from pathlib import Path
 def pool(runs: list[Path]) -> dict:
     rows: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     seeds = []
+    counts = []
     for run in runs:
-        rep = json.loads((run / "find.json").read_text())
-        seeds.append(rep["config"]["suite"]["seed"])
-        for r in rep["results"]:
+        if (run / "find.json").exists():
+            rep = json.loads((run / "find.json").read_text())
+            seed, results = rep["config"]["suite"]["seed"], rep["results"]
+        else:  # a run still going or stopped: the answers it has saved, each scored already
+            seed = json.loads((run / "config.json").read_text())["suite"]["seed"]
+            results = [json.loads(p.read_text())
+                       for p in sorted((run / "answers").glob("*/*.json"))]
+        seeds.append(seed)
+        counts.append(len(results))
+        for r in results:
             keys = [r["group"], f"{r['category']}/all"]
             if r.get("variant"):
                 keys.append(f"numeric/variant:{r['variant']}")
@@ -38,11 +46,13 @@ def pool(runs: list[Path]) -> dict:
             if any("nmse_var" in r for r in rs):
                 d["solved_var"] = sum((r.get("nmse_var") or math.inf) < 0.1 for r in rs)
             out[agent][k] = d
-    return {"seeds": seeds, "runs": [str(r) for r in runs], "agents": out}
+    return {"seeds": seeds, "functions_per_seed": counts, "runs": [str(r) for r in runs],
+            "agents": out}
 
 
 def table(p: dict) -> str:
-    lines = [f"bench-find, seeds {p['seeds']} pooled", ""]
+    lines = [f"bench-find, seeds {p['seeds']} pooled "
+             f"({p.get('functions_per_seed', '?')} results per seed)", ""]
     for agent, groups in p["agents"].items():
         lines += [f"agent {agent}", f"{'op':<34}{'FIND NMSE<0.1':>16}{'NMSE/var<0.1':>16}"]
         for k, d in groups.items():

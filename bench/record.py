@@ -72,7 +72,8 @@ class Bench:
         self.load_seconds = time.perf_counter() - t0
         self.model = self.subject.model
         self.hookpoints = resolve_hookpoints(self.model, [args.hookpoint])
-        self.batches = [torch.tensor(b) for b in rec_mod._batches(self.cfg, self.subject.tokenizer)]
+        self.batches = [torch.tensor(b) for _, _, b in rec_mod._shard_batches(
+            self.cfg, self.subject.tokenizer, lambda s: True, [0])]
         if not self.batches:
             sys.exit(f"corpus {args.corpus!r} gave no {args.ctx_len}-token context")
         self.n_tokens = sum(b.numel() for b in self.batches)
@@ -88,7 +89,6 @@ class Bench:
 
     def fresh(self) -> None:
         self.recorders, self.n_ctx = {}, 0
-        self.gen = torch.Generator().manual_seed(self.cfg.seed)
 
     def record(self, ids: Any) -> None:
         """One batch exactly as ``record()`` handles it."""
@@ -98,7 +98,7 @@ class Bench:
         ctx = torch.arange(self.n_ctx, self.n_ctx + len(ids))
         for hp, acts in captured.items():
             if hp not in self.recorders:
-                self.recorders[hp] = UnitRecorder(hp, acts.shape[-1], self.cfg, self.gen)
+                self.recorders[hp] = UnitRecorder(hp, acts.shape[-1], self.cfg)
             self.recorders[hp].update(acts, ids.cpu().to(torch.int32), ctx)
         self.n_ctx += len(ids)
 
@@ -173,7 +173,7 @@ def breakdown(bench: Bench) -> dict[str, float]:
     wrap(Moments, "merge", "moments: merge")
     wrap(TopK, "update_rows", store_name)
     wrap(UnitRecorder, "_histogram", "histogram")
-    wrap(UnitRecorder, "_fix_boundaries", "quantile boundaries and histogram edges")
+    wrap(UnitRecorder, "fix_boundaries", "quantile boundaries and histogram edges")
     wrap(UnitRecorder, "update", "update: rest (maxima, random keys, bin scores, checks)")
     wrap(UnitRecorder, "finished", "finished()")
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -52,8 +53,10 @@ def _record(args: argparse.Namespace) -> None:
     from neuroscribe.record.core import RecordConfig, record
 
     info = record(config_from(args, RecordConfig), Path(args.out), args.resume)
-    print(f"recorded {info['n_tokens']} tokens at {', '.join(info['hookpoints'])} "
-          f"({info['tokens_per_second']:.0f} tok/s) -> {args.out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        ranks = f", {info['world_size']} ranks" if info.get("world_size", 1) > 1 else ""
+        print(f"recorded {info['n_tokens']} tokens at {', '.join(info['hookpoints'])} "
+              f"({info['tokens_per_second']:.0f} tok/s{ranks}) -> {args.out}")
 
 
 def _explain(args: argparse.Namespace) -> None:

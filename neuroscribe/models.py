@@ -87,7 +87,13 @@ def load_subject(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "f
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from neuroscribe import subject_cache
+
     where, kwargs = _split_model_spec(spec)
+    gguf = Path(where) / kwargs["gguf_file"] if "gguf_file" in kwargs else None
+    cached = gguf and subject_cache.lookup(gguf, dtype)
+    if cached:  # de-quantized on an earlier load (subject_cache.py)
+        where, kwargs = str(cached), {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
@@ -96,6 +102,8 @@ def load_subject(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "f
     except OSError as e:  # hub id unknown, offline, or files missing
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load model {spec!r}: {first}") from e
+    if gguf and not cached:
+        subject_cache.store(gguf, dtype, model, tokenizer)
     return Subject(name=spec, model=model.to(device).eval(), tokenizer=tokenizer)
 
 

@@ -18,12 +18,62 @@ BIN_STREAM = "quantile-bins"  # the quantile bins' keys: a stream of the seed of
 
 
 
+EMPTY = -(2**63)  # the key of "not a candidate" (e.g. a context outside a quantile bin)
+VACANT = EMPTY + 1  # a slot never filled: below every real key, above EMPTY, so that a
+# candidate keyed EMPTY never takes a slot
+M32 = 0xFFFFFFFF
+
+
+def _mix32(x: Any) -> Any:
+    """A 32-bit integer hash (xor-shift-multiply) of int64 values in [0, 2**32)."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & M32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & M32
+    return (x >> 16) ^ x
+
+
+def stream_seed(seed: int, stream: str) -> int:
+    """A 32-bit seed for one named stream of a seed (the random sample's, the bins')."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{stream}".encode()).digest()[:4], "little")
+
+
+def with_ctx(k32: Any, ctx: Any) -> Any:
+    """Unique int64 keys from 32-bit keys [B, U] (int64 in [-2**31, 2**31)) and the contexts'
+    global ids [B]: ties go to the smaller context id, so a top-k by key is one exact set,
+    whatever order or split the contexts come in."""
+    if len(ctx) and int(ctx.max()) > M32:
+        raise ValueError("context ids must fit in 32 bits")
+    return k32 * (M32 + 1) + (M32 - ctx)[:, None]
+
+
+def float_keys(x: Any, ctx: Any) -> Any:
+    """Keys [B, U] ordered as the float32 values x [B, U] (NaN excluded), ties by context."""
+    import torch
+
+    bits = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    return with_ctx(torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF), ctx)
+
+
+def random_keys(seed32: int, ctx: Any, n_units: int) -> Any:
+    """Random keys [B, U], a pure function of (seed, global context id, unit): a sample drawn
+    by them does not depend on how the contexts are batched, ordered or split across ranks."""
+    import torch
+
+    c = _mix32((ctx.to(torch.int64) & M32) ^ seed32)
+    u = _mix32(((torch.arange(n_units, dtype=torch.int64) + 1) * 0x9E3779B1 & M32) ^ 0x85EBCA6B)
+    h = _mix32(_mix32(c[:, None] ^ u[None, :]) ^ seed32)
+    return with_ctx(h - (1 << 31), ctx)
+
+
 class TopK:
-    """Per-unit streaming top-k of contexts by a score, with their tokens and activations.
+    """Per-unit streaming top-k of contexts by an int64 key, with their tokens and activations.
+
+    Keys are unique per unit (``with_ctx``), so the kept set is exact and independent of the
+    order the contexts arrive in; ``state`` and ``merge_states`` combine stores that saw
+    different contexts into the store that would have seen them all.
 
     Slots are overwritten in place: a batch only writes the (unit, slot) pairs whose context
-    entered the top-k, so the cost per batch is a top-k over [units, k + batch] scores, and only
-    for the units where some new score reaches the current k-th best.
+    entered the top-k, so the cost per batch is a top-k over [units, k + batch] keys, and only
+    for the units where some new key beats the current k-th best.
 
     ``groups`` > 1 keeps that many independent top-ks per unit in one store (row ``g * units +
     u`` is group g of unit u), so that e.g. all quantile bins share one top-k call per batch.
@@ -40,33 +90,33 @@ class TopK:
 
         rows = n_units * groups
         self.n_units, self.k, self.groups, self.ctx_len = n_units, k, groups, ctx_len
-        self.scores = torch.full((rows, k), -math.inf)
+        self.keys = torch.full((rows, k), VACANT, dtype=torch.int64)
         self.ctx = torch.full((rows, k), -1, dtype=torch.int64)
         self.acts = torch.zeros((rows, k, ctx_len))
         self.src = torch.full((rows, k), -1, dtype=torch.int64)  # bank row of each slot
         self.bank: list[Any] = []  # token batches [B, T] (int32), rows numbered in order
         self.bank_rows, self.prune_at = 0, self.BANK_MIN
 
-    def update(self, scores: Any, acts: Any, tokens: Any, ctx: Any) -> None:
-        """scores [B, U], acts [B, T, U], tokens [B, T], ctx [B] (one group)."""
-        self.update_rows(scores.T, acts, tokens, ctx)
+    def update(self, keys: Any, acts: Any, tokens: Any, ctx: Any) -> None:
+        """keys [B, U], acts [B, T, U], tokens [B, T], ctx [B] (one group)."""
+        self.update_rows(keys.T, acts, tokens, ctx)
 
-    def update_rows(self, scores: Any, acts: Any, tokens: Any, ctx: Any) -> None:
-        """scores [rows, B]: row ``g * U + u`` scores the batch's contexts for group g, unit u."""
+    def update_rows(self, keys: Any, acts: Any, tokens: Any, ctx: Any) -> None:
+        """keys [rows, B]: row ``g * U + u`` keys the batch's contexts for group g, unit u
+        (``EMPTY``: not a candidate)."""
         import torch
 
         if self.k == 0:
             return
-        # A row whose new scores all fall below its current k-th best keeps its top-k exactly;
-        # the other rows go through the very top-k of the full merge (ties and NaN included).
-        cand = (~(scores < self.scores.amin(1, keepdim=True))).any(1)
+        # A row whose new keys all fall below its current k-th best keeps its top-k exactly.
+        cand = (keys > self.keys.amin(1, keepdim=True)).any(1)
         rows = cand.nonzero().squeeze(1)
         if rows.numel() == 0:
             return
         if rows.numel() == len(cand):
-            merged = torch.cat([self.scores, scores], dim=1)
+            merged = torch.cat([self.keys, keys], dim=1)
         else:
-            merged = torch.cat([self.scores[rows], scores[rows]], dim=1)
+            merged = torch.cat([self.keys[rows], keys[rows]], dim=1)
         keep = torch.zeros_like(merged, dtype=torch.bool)
         # Unsorted is the same set: the sort only orders the k kept (nth_element, then sort).
         keep.scatter_(1, merged.topk(self.k, dim=1, sorted=False).indices, True)
@@ -77,7 +127,7 @@ class TopK:
         vac_r, vac_k = (~keep[:, : self.k]).nonzero(as_tuple=True)
         new_r = rows[new_r]
         slot = rows[vac_r] * self.k + vac_k  # flat index into [rows * k]
-        self.scores.view(-1)[slot] = scores[new_r, new_b]
+        self.keys.view(-1)[slot] = keys[new_r, new_b]
         self.ctx.view(-1)[slot] = ctx[new_b]
         self.src.view(-1)[slot] = new_b + self.bank_rows
         self.bank.append(tokens.to(torch.int32, copy=True))
@@ -95,34 +145,51 @@ class TopK:
         self.bank_rows, self.prune_at = len(used), max(self.BANK_MIN, 2 * len(used))
         self.src = torch.where(self.src >= 0, torch.searchsorted(used, self.src), -1)
 
-    def sorted_slots(self) -> tuple[Any, Any]:
-        """Slot order [rows, k], best first, and the contexts in it (-1: empty)."""
-        order = self.scores.argsort(dim=1, descending=True)
-        ctx = self.ctx.gather(1, order)
-        ctx[self.scores.gather(1, order) == -math.inf] = -1
-        return order, ctx
-
-    def take(self, order: Any) -> tuple[Any, Any]:
-        """Activations and tokens [rows, j, T] of the slots order [rows, j] picks per row."""
+    def state(self) -> dict[str, Any]:
+        """The store as plain tensors (keys, ctx, acts, tokens per slot; empty slots zeroed),
+        for ``merge_states``."""
         import torch
 
         table = torch.cat([torch.zeros((1, self.ctx_len), dtype=torch.int32), *self.bank])
-        src = self.src.gather(1, order).reshape(-1) + 1  # never-written slots: zero tokens
-        tokens = table.index_select(0, src).view(*order.shape, self.ctx_len)
-        return take_slots(self.acts, order), tokens
+        empty = self.keys <= VACANT
+        tokens = table.index_select(0, self.src.reshape(-1) + 1).view(*self.keys.shape,
+                                                                       self.ctx_len)
+        return {"keys": self.keys.masked_fill(empty, EMPTY), "ctx": self.ctx.masked_fill(empty, -1),
+                "acts": self.acts.masked_fill(empty[..., None], 0.0),
+                "tokens": tokens.masked_fill(empty[..., None], 0)}
+
 
     def finished(self, *prefixes: str) -> dict[str, Any]:
-        """Slots sorted by score, best first; empty slots have ctx -1. One prefix per group."""
+        """Slots sorted best first; empty slots have ctx -1. One prefix per group."""
         if len(prefixes) != self.groups:
             raise ValueError(f"need {self.groups} prefixes, got {len(prefixes)}")
-        order, ctx = self.sorted_slots()
-        acts, tokens = self.take(order)
-        out = {}
-        for g, prefix in enumerate(prefixes):
-            rows = slice(g * self.n_units, (g + 1) * self.n_units)
-            out.update({f"{prefix}_ctx": ctx[rows], f"{prefix}_acts": acts[rows],
-                        f"{prefix}_tokens": tokens[rows]})
-        return out
+        return split_groups(merge_states([self.state()], self.k), self.n_units, *prefixes)
+
+
+def merge_states(states: list[dict[str, Any]], k: int) -> dict[str, Any]:
+    """The ``TopK.state`` of the store that saw every context the given stores saw, sorted
+    best first (empty slots last, zeroed)."""
+    import torch
+
+    cat = {name: torch.cat([s[name] for s in states], dim=1) for name in states[0]}
+    best = cat["keys"].topk(min(k, cat["keys"].shape[1]), dim=1).indices
+    best = best.gather(1, cat["keys"].gather(1, best).argsort(dim=1, descending=True))
+    out = {}
+    for name, t in cat.items():
+        out[name] = take_slots(t, best) if t.dim() == 3 else t.gather(1, best)
+    empty = out["keys"] == EMPTY  # several empty slots: which ones is immaterial, all zero
+    out["ctx"] = out["ctx"].masked_fill(empty, -1)
+    return out
+
+
+def split_groups(state: dict[str, Any], n_units: int, *prefixes: str) -> dict[str, Any]:
+    """Records ``{prefix}_ctx``, ``_acts``, ``_tokens`` per group of a merged state."""
+    out = {}
+    for g, prefix in enumerate(prefixes):
+        rows = slice(g * n_units, (g + 1) * n_units)
+        out.update({f"{prefix}_ctx": state["ctx"][rows], f"{prefix}_acts": state["acts"][rows],
+                    f"{prefix}_tokens": state["tokens"][rows]})
+    return out
 
 
 def take_slots(t: Any, order: Any) -> Any:
@@ -146,18 +213,9 @@ def scratch(bufs: dict[str, Any], name: str, shape: Any, dtype: Any) -> Any:
     return buf[:n].view(shape)
 
 
-def derived_generator(seed: int, stream: str) -> Any:
-    """A torch generator for one named stream of a seed: its keys are independent of those of
-    ``Generator().manual_seed(seed)`` and of every other stream's."""
-    import torch
-
-    digest = hashlib.sha256(f"{seed}/{stream}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
-def bin_scores(boundaries: Any, ctx_max: Any, keys: Any) -> Any:
-    """Scores [bins * U, B] for a grouped ``TopK`` (row ``g * U + u``): each context's key in
-    the row of its bin, -inf in the others.
+def bin_keys(boundaries: Any, ctx_max: Any, keys: Any) -> Any:
+    """Keys [bins * U, B] for a grouped ``TopK`` (row ``g * U + u``): each context's key in
+    the row of its bin, ``EMPTY`` in the others.
 
     boundaries [U, bins + 1], ctx_max [B, U], keys [B, U]. Bin g is [b_g, b_g+1), except that
     the first is open below and the last open above, so that every context lands in exactly
@@ -169,7 +227,7 @@ def bin_scores(boundaries: Any, ctx_max: Any, keys: Any) -> Any:
     b[0], b[-1] = -math.inf, math.inf
     cm = ctx_max.T  # [U, B]
     inside = (cm >= b[:-1]) & (cm < b[1:])  # [bins, U, B]
-    return torch.where(inside, keys.T, -math.inf).reshape(-1, cm.shape[1])
+    return torch.where(inside, keys.T, EMPTY).reshape(-1, cm.shape[1])
 
 
 BLOCK = 1 << 19  # elements per block of Moments.batch: 4 MiB as float64
@@ -235,6 +293,15 @@ class Moments:
     def update(self, x: Any) -> None:
         """x [N, U]: a numpy array or torch tensor of any float dtype (left unchanged)."""
         self.merge(*self.batch(x))
+
+    def state(self) -> np.ndarray:
+        """[5, U] float64: count, mean and the central sums of powers 2 to 4."""
+        return np.stack([np.full_like(self.mean, self.n), self.mean, self.m2, self.m3, self.m4])
+
+    def merge_state(self, st: Any) -> None:
+        st = np.asarray(st, dtype=np.float64)
+        if len(st[0]):
+            self.merge(int(st[0][0]), st[1], st[2], st[3], st[4])
 
     def finished(self) -> dict[str, np.ndarray]:
         """Population variance, skewness and excess kurtosis (scipy's bias=True defaults)."""

@@ -33,7 +33,8 @@ from neuroscribe.record.core import (
     record,
     store_path,
 )
-from neuroscribe.record.latents import ContextTopK, LatentCache, LatentRecorder, split_bounds
+from neuroscribe.record.latent_cache import LatentCache, split_bounds
+from neuroscribe.record.latents import ContextTopK, LatentRecorder
 from neuroscribe.sae.model import Sae, SaeConfig
 
 HP = "transformer.h.0.mlp.act"  # 64 units in the tiny GPT-2
@@ -228,8 +229,8 @@ def test_latent_recorder_matches_unit_recorder_on_dense(tmp_path: Path) -> None:
     acts[..., 6] = 0
     acts[3, 2, 6] = 1.5
     tokens = torch.randint(0, 500, (n, cfg.ctx_len), generator=g, dtype=torch.int32)
-    dense = UnitRecorder("h", u, cfg, torch.Generator().manual_seed(0))
-    sparse = LatentRecorder("h", u, cfg, torch.Generator().manual_seed(0), tmp_path / "lat")
+    dense = UnitRecorder("h", u, cfg)
+    sparse = LatentRecorder("h", u, cfg, tmp_path / "lat")
     start = 0
     for b in [6, 9, 7, 11, 5]:
         sl = slice(start, start + b)
@@ -290,7 +291,7 @@ def test_cache_files_have_delphis_layout_and_round_trip(sae_run: dict[str, Any])
 def test_cache_uses_uint32_when_uint16_does_not_fit(tmp_path: Path) -> None:
     cache = LatentCache(tmp_path / "c", 70_000, 2, 1)
     one = np.array([0])
-    cache.add(one, one, np.array([69_999]), np.array([2.5], np.float32), np.ones((1, 2)))
+    cache.add(one, one, np.array([69_999]), np.array([2.5], np.float32), np.ones((1, 2)), one)
     cache.close()
     cache.write_splits({})
     with safe_open(str(tmp_path / "c" / "0_69999.safetensors"), framework="np") as f:
@@ -325,7 +326,7 @@ def test_memory_is_bounded_by_latents_times_exemplars(tmp_path: Path) -> None:
     cfg = RecordConfig(n_top=40, n_random=30, n_quantile=5, quantile_warmup=32, ctx_len=64,
                        latent_splits=4)
     u, b, t, k = 16_384, 8, cfg.ctx_len, 8
-    rec = LatentRecorder("h", u, cfg, torch.Generator().manual_seed(0), tmp_path / "lat")
+    rec = LatentRecorder("h", u, cfg, tmp_path / "lat")
     g = torch.Generator().manual_seed(1)
     active = torch.zeros((32 * b, u), dtype=torch.bool)
 
@@ -344,7 +345,7 @@ def test_memory_is_bounded_by_latents_times_exemplars(tmp_path: Path) -> None:
     feed(24, 8)
     assert retained_bytes(rec) == after_warmup  # nothing grows with the corpus
     slots = cfg.n_top + (cfg.n_top + cfg.n_random) + (len(QUANTILES) - 1) * cfg.n_quantile
-    per_latent = (slots * (4 + 8)  # a float32 score and an int64 context id per slot
+    per_latent = (slots * (8 + 8)  # an int64 key and an int64 context id per slot
                   + 4 * 8 + len(QUANTILES) * 4  # moments (float64), quantile boundaries
                   + cfg.n_hist_bins * 8 + (cfg.n_hist_bins + 1) * 4)  # histogram and edges
     bound = u * per_latent + (1 << 16)
@@ -357,10 +358,16 @@ def test_memory_is_bounded_by_latents_times_exemplars(tmp_path: Path) -> None:
 
 
 def test_context_topk_keeps_the_best() -> None:
+    from neuroscribe.stats import EMPTY, float_keys
+
+    def keys(scores: list[list[float]], ctx: torch.Tensor) -> torch.Tensor:
+        s = torch.tensor(scores)
+        return torch.where(s > -math.inf, float_keys(s.T, ctx).T, EMPTY)  # -inf: no candidate
+
     tk = ContextTopK(2, 2)
-    tk.update(torch.tensor([[1.0, 3.0, -math.inf], [0.5, -math.inf, -math.inf]]),
-              torch.tensor([10, 11, 12]))
-    tk.update(torch.tensor([[2.0], [-math.inf]]), torch.tensor([13]))
+    c = torch.tensor([10, 11, 12])
+    tk.update(keys([[1.0, 3.0, -math.inf], [0.5, -math.inf, -math.inf]], c), c)
+    tk.update(keys([[2.0], [-math.inf]], torch.tensor([13])), torch.tensor([13]))
     assert tk.finished().tolist() == [[11, 13], [10, -1]]
 
 
@@ -376,7 +383,7 @@ def test_latent_recorder_bins_cover_every_context(tmp_path: Path) -> None:
     acts = torch.rand(n, cfg.ctx_len, u, generator=g)
     acts[torch.rand(acts.shape, generator=g) < 0.5] = 0
     acts[20:] *= 10
-    rec = LatentRecorder("h", u, cfg, torch.Generator().manual_seed(0), tmp_path / "lat")
+    rec = LatentRecorder("h", u, cfg, tmp_path / "lat")
     for start in range(0, n, 10):
         rec.update(acts[start:start + 10].to_sparse(), torch.zeros((10, cfg.ctx_len),
                    dtype=torch.int32), torch.arange(start, start + 10))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neuroscribe.errors import UserError
-from neuroscribe.record.core import QUANTILES, Moments, RecordConfig, TopK, UnitRecorder
+from neuroscribe.record.core import QUANTILES, RecordConfig, UnitRecorder
+from neuroscribe.stats import Moments, TopK, float_keys
 
 # ---------------------------------------------------------------- Moments
 
@@ -101,7 +103,7 @@ def test_topk_streaming_equals_exact_topk(case: tuple[int, int, list[int], list[
     start = 0
     for b in sizes:
         sl = slice(start, start + b)
-        top.update(scores[sl], acts[sl], tokens[sl], ctx[sl])
+        top.update(float_keys(scores[sl], ctx[sl]), acts[sl], tokens[sl], ctx[sl])
         start += b
     out = top.finished("top")
     assert out["top_ctx"].shape == (n_units, k)
@@ -123,8 +125,8 @@ def test_topk_hand_example() -> None:
     top = TopK(1, 2, 1)
     for s, c in (([1.0, 5.0], [10, 11]), ([3.0, 4.0, 0.0], [20, 21, 22])):
         acts = torch.tensor(s)[:, None, None]  # the activation equals the score here
-        top.update(torch.tensor(s)[:, None], acts, torch.tensor(c, dtype=torch.int32)[:, None],
-                   torch.tensor(c))
+        top.update(float_keys(torch.tensor(s)[:, None], torch.tensor(c)), acts,
+                   torch.tensor(c, dtype=torch.int32)[:, None], torch.tensor(c))
     out = top.finished("x")
     assert out["x_ctx"].tolist() == [[11, 21]]
     assert out["x_acts"].flatten().tolist() == [5.0, 4.0]
@@ -135,7 +137,7 @@ def test_topk_hand_example() -> None:
 
 CFG = RecordConfig(n_top=3, n_random=4, n_quantile=2, quantile_warmup=20, ctx_len=5,
                    n_hist_bins=8, seed=0)
-SIZES = [6, 9, 7, 11, 5]  # 38 contexts; the warm-up (20) ends after the third batch (22)
+SIZES = [6, 9, 7, 11, 5]  # 38 contexts; the warm-up (20) ends inside the third batch (22)
 U = 3
 
 
@@ -148,7 +150,7 @@ def feed(cfg: RecordConfig = CFG, sizes: list[int] = SIZES, seed: int = 0
             + torch.tensor([0.0, 1.0, -2.0]))
     tokens = torch.randint(0, 500, (n, T), generator=data, dtype=torch.int32)
     ctx = torch.arange(n, dtype=torch.int64)
-    rec = UnitRecorder("layer.0", U, cfg, torch.Generator().manual_seed(seed))
+    rec = UnitRecorder("layer.0", U, dataclasses.replace(cfg, seed=seed))
     start = 0
     for b in sizes:
         sl = slice(start, start + b)
@@ -229,7 +231,7 @@ def check_quantile_bins(out: dict[str, torch.Tensor], acts: torch.Tensor, n_warm
 
 def test_recorder_quantile_bins() -> None:
     rec, acts, _, _ = feed()
-    check_quantile_bins(rec.finished(), acts, n_warm=6 + 9 + 7)
+    check_quantile_bins(rec.finished(), acts, n_warm=CFG.quantile_warmup)  # exactly
 
 
 def test_recorder_quantile_bins_exact_membership() -> None:
@@ -295,7 +297,7 @@ def test_recorder_moments() -> None:
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_recorder_non_finite_names_unit(bad: float) -> None:
-    rec = UnitRecorder("model.layers.3.mlp", U, CFG, torch.Generator().manual_seed(0))
+    rec = UnitRecorder("model.layers.3.mlp", U, CFG)
     acts = torch.zeros(4, CFG.ctx_len, U)
     acts[1, 2, 2] = bad
     ctx = torch.arange(40, 44)
@@ -311,7 +313,7 @@ def feed_all(cfg: RecordConfig, acts: torch.Tensor, sizes: list[int],
     """acts [N, T, U] through a UnitRecorder in batches of ``sizes``; its finished tensors."""
     n, t, u = acts.shape
     tokens = torch.arange(n * t, dtype=torch.int32).reshape(n, t)
-    rec = UnitRecorder("layer.0", u, cfg, torch.Generator().manual_seed(seed))
+    rec = UnitRecorder("layer.0", u, dataclasses.replace(cfg, seed=seed))
     start = 0
     for b in sizes:
         sl = slice(start, start + b)
@@ -382,12 +384,14 @@ def test_quantile_bins_do_not_reuse_the_random_sample_keys() -> None:
 
 
 def test_quantile_bin_keys_are_a_stream_of_their_own() -> None:
-    from neuroscribe.stats import derived_generator
+    from neuroscribe.record.units import RANDOM_STREAM
+    from neuroscribe.stats import BIN_STREAM, random_keys, stream_seed
 
-    rec = UnitRecorder("layer.0", U, CFG, torch.Generator().manual_seed(11))
-    a = torch.rand(64, generator=torch.Generator().manual_seed(11))
-    b = torch.rand(64, generator=rec.bin_gen)
-    assert not torch.isclose(a, b).any()
-    # the same seed gives the same stream (runs are reproducible); another seed another one
-    assert torch.equal(b, torch.rand(64, generator=derived_generator(11, "quantile-bins")))
-    assert not torch.equal(b, torch.rand(64, generator=derived_generator(12, "quantile-bins")))
+    ctx = torch.arange(64)
+    a = random_keys(stream_seed(11, RANDOM_STREAM), ctx, 3)
+    b = random_keys(stream_seed(11, BIN_STREAM), ctx, 3)
+    assert (a != b).all()
+    # a pure function of (seed, context, unit): the same seed gives the same keys
+    assert torch.equal(b, random_keys(stream_seed(11, BIN_STREAM), ctx, 3))
+    assert torch.equal(b[10:20], random_keys(stream_seed(11, BIN_STREAM), ctx[10:20], 3))
+    assert not torch.equal(b, random_keys(stream_seed(12, BIN_STREAM), ctx, 3))

@@ -9,27 +9,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from neuroscribe.errors import UserError
 from neuroscribe.formats import ActivationRecord, NeuronId, NeuronRecord
+from neuroscribe.record.dist import Ranks
+from neuroscribe.record.units import RANDOM_STREAM, UnitRecorder
 from neuroscribe.runs import atomic_path, claim_stage, opt, save_stage, write_json
-from neuroscribe.stats import (
-    BIN_STREAM,
-    QUANTILES,
-    Moments,
-    TopK,
-    bin_scores,
-    derived_generator,
-    scratch,
-)
+from neuroscribe.stats import BIN_STREAM, QUANTILES, stream_seed
 
 log = logging.getLogger("neuroscribe")
+# Tests kill the last rank after this many shards, to check --resume (unset: never).
+_DIE_AFTER = int(os.environ.get("NEUROSCRIBE_DIE_AFTER_SHARDS", "0")) or None
 
 
 @dataclass
@@ -59,128 +54,12 @@ class RecordConfig:
     dtype: str = opt("float32", "model dtype: float32, bfloat16, float16")
     latent_splits: int = opt(5, "SAE hookpoints: files per hookpoint in the sparse latent cache "
                              "latents/ (delphi's n_splits)")
-
-
-class UnitRecorder:
-    """All per-unit state for one hookpoint; ``update`` takes one batch of activations.
-
-    Per batch this costs a few whole-batch passes (float64 moments, histogram bins, context
-    maxima) plus top-k merges over [units, k + batch] scores: for SmolLM2-135M at layer 3 on
-    2 CPU cores, about 8% on top of the forward pass (bench/record.py measures it).
-    """
-
-    def __init__(self, hookpoint: str, n_units: int, cfg: RecordConfig, gen: Any,
-                 bin_gen: Any = None) -> None:
-        import torch
-
-        self.hookpoint, self.n_units, self.cfg, self.gen = hookpoint, n_units, cfg, gen
-        # The bins draw keys of their own: with the random sample's keys, a bin's sample would
-        # hold every random-sample context that falls in the bin (the best keys are the best).
-        self.bin_gen = (derived_generator(gen.initial_seed(), BIN_STREAM) if bin_gen is None
-                        else bin_gen)
-        self.top = TopK(n_units, cfg.n_top, cfg.ctx_len)
-        # Kept n_top larger, so the random sample can exclude top contexts and stay disjoint.
-        self.random = TopK(n_units, cfg.n_random + cfg.n_top, cfg.ctx_len)
-        # One store, one group per quantile bin: a context's key competes only in its bin.
-        self.bins = TopK(n_units, cfg.n_quantile, cfg.ctx_len, groups=len(QUANTILES) - 1)
-        self.moments = Moments(n_units)
-        self.warm: list[tuple[Any, Any, Any, Any, Any]] = []
-        self.n_warm = 0
-        self.boundaries: Any = None  # [U, len(QUANTILES)]
-        self.hist_edges: Any = None  # [U, bins + 1]
-        self.hist = torch.zeros((n_units, cfg.n_hist_bins), dtype=torch.int64)
-        self._hist_offsets = torch.arange(n_units, dtype=torch.int32) * cfg.n_hist_bins
-        self._bufs: dict[str, Any] = {}  # scratch buffers, reused batch after batch
-
-    def update(self, acts: Any, tokens: Any, ctx: Any) -> None:
-        import torch
-
-        acts = acts.detach().to("cpu", torch.float32)
-        sums = self.moments.batch(acts.reshape(-1, self.n_units))
-        if not np.isfinite(sums[1]).all():  # any NaN/Inf makes its unit's batch mean non-finite
-            bad = (~torch.isfinite(acts)).nonzero()[0].tolist()
-            raise UserError(f"non-finite activation (NaN/Inf) at {self.hookpoint} unit {bad[2]}, "
-                            f"context {int(ctx[bad[0]])}, position {bad[1]}")
-        if self.boundaries is not None:  # while the batch is still in cache
-            self._histogram(acts.reshape(-1, self.n_units))
-        ctx_max = acts.amax(dim=1)
-        self.top.update(ctx_max, acts, tokens, ctx)
-        self.random.update(torch.rand(ctx_max.shape, generator=self.gen), acts, tokens, ctx)
-        keys = torch.rand(ctx_max.shape, generator=self.bin_gen)  # the bins' own
-        self.moments.merge(*sums)
-        if self.boundaries is None:
-            self.warm.append((acts, tokens, ctx, ctx_max, keys))
-            self.n_warm += acts.shape[0]
-            if self.n_warm >= self.cfg.quantile_warmup:
-                self._fix_boundaries()
-        else:
-            self._bin_samples(acts, tokens, ctx, ctx_max, keys)
-
-    def _fix_boundaries(self) -> None:
-        import torch
-
-        if not self.warm:
-            return
-        maxima = torch.cat([w[3] for w in self.warm])  # [N, U]
-        q = torch.tensor(QUANTILES, dtype=torch.float64)
-        # [U, Q]; along contiguous rows: the values of dim 0 of maxima, several times faster.
-        per_unit = maxima.T.double().contiguous()
-        self.boundaries = torch.quantile(per_unit, q, dim=1).T.float()
-        lo = torch.cat([w[0].amin(dim=(0, 1))[None] for w in self.warm]).amin(0)
-        hi = maxima.amax(0)
-        hi = torch.where(hi > lo, hi, lo + 1)
-        self.hist_edges = torch.stack([torch.linspace(a, b, self.cfg.n_hist_bins + 1)
-                                       for a, b in zip(lo.tolist(), hi.tolist())])
-        warm, self.warm = self.warm, []
-        for w in warm:  # what the warm-up batches could not do without boundaries and edges
-            self._histogram(w[0].reshape(-1, self.n_units))
-            self._bin_samples(*w)
-
-    def _bin_samples(self, acts: Any, tokens: Any, ctx: Any, ctx_max: Any, keys: Any) -> None:
-        """The random samples per quantile bin: a context's key competes only in its bin (the
-        first and last bins open-ended: every context is in one)."""
-        self.bins.update_rows(bin_scores(self.boundaries, ctx_max, keys), acts, tokens, ctx)
-
-    def _histogram(self, x: Any) -> None:
-        """Count x [N, U] into the bins; values outside the warm-up range go to the end bins."""
-        import torch
-
-        lo, hi = self.hist_edges[:, 0], self.hist_edges[:, -1]
-        nb = self.cfg.n_hist_bins
-        pos = torch.sub(x, lo, out=scratch(self._bufs, "pos", x.shape, torch.float32))
-        pos.div_(hi - lo).mul_(nb).clamp_(0, nb - 1)
-        # Clamping before the int conversion (which truncates) is flooring, then clamping.
-        idx = scratch(self._bufs, "idx", x.shape, torch.int32).copy_(pos)
-        idx += self._hist_offsets  # unit u counts into bins [u * nb, (u + 1) * nb)
-        self.hist += torch.bincount(idx.view(-1), minlength=self.n_units * nb).view(
-            self.n_units, nb)
-
-    def finished(self) -> dict[str, Any]:
-        import torch
-
-        if self.boundaries is None:
-            self._fix_boundaries()
-        out = self.top.finished("top")
-        # The random sample: the best-keyed n_random that are not top contexts of the unit.
-        order, rnd_ctx = self.random.sorted_slots()
-        clash = (rnd_ctx[:, :, None] == out["top_ctx"][:, None, :]).any(-1) | (rnd_ctx < 0)
-        pick = torch.sort(clash.to(torch.int8), dim=1, stable=True).indices[:, : self.cfg.n_random]
-        rnd_ctx = rnd_ctx.gather(1, pick)
-        rnd_ctx[clash.gather(1, pick)] = -1
-        acts, tokens = self.random.take(order.gather(1, pick))
-        out.update(random_ctx=rnd_ctx, random_acts=acts, random_tokens=tokens)
-        out.update(self.bins.finished(*(f"q{i}" for i in range(len(QUANTILES) - 1))))
-        out.update({k: torch.from_numpy(v.astype(np.float32))
-                    for k, v in self.moments.finished().items()})
-        out["quantile_boundaries"] = self.boundaries
-        out["hist_edges"] = self.hist_edges
-        out["hist_counts"] = self.hist
-        return {k: v.contiguous() for k, v in out.items()}
-
-    def save(self, path: Path, metadata: dict[str, str]) -> None:
-        from safetensors.torch import save_file
-
-        save_file(self.finished(), str(path), metadata=metadata)
+    shard_contexts: int = opt(1024, "contexts per shard (at least --quantile-warmup): under "
+                              "torchrun, ranks take shards in turn; checkpoints fall between "
+                              "shards")
+    checkpoint_seconds: float = opt(300.0, "save a checkpoint for --resume at the end of a "
+                                    "shard at most this often (0: every shard; -1: never; SAE "
+                                    "hookpoints: never)")
 
 
 def store_path(run_dir: Path, hookpoint: str) -> Path:
@@ -196,69 +75,127 @@ def latents_dir(run_dir: Path, hookpoint: str) -> Path:
     return run_dir / "latents" / safe_name(hookpoint)
 
 
-def _recorder(hp: str, acts: Any, cfg: RecordConfig, gens: tuple[Any, Any],
-              run_dir: Path) -> Any:
-    """SAE latents (sparse) keep their activations on disk; other units in memory. ``gens``:
-    the random sample's and the quantile bins' generators."""
-    if acts.is_sparse:
+def _recorder(hp: str, n_units: int, sparse: bool, cfg: RecordConfig, run_dir: Path,
+              ranks: Ranks) -> Any:
+    """SAE latents (sparse) keep their activations on disk; other units in memory."""
+    if sparse:
         from neuroscribe.record.latents import LatentRecorder
 
-        return LatentRecorder(hp, acts.shape[-1], cfg, gens[0], latents_dir(run_dir, hp),
-                              gens[1])
-    return UnitRecorder(hp, acts.shape[-1], cfg, *gens)
+        folder = latents_dir(run_dir, hp)
+        return LatentRecorder(hp, n_units, cfg, folder if ranks.world == 1
+                              else folder / f".rank{ranks.rank}")
+    return UnitRecorder(hp, n_units, cfg)
 
 
-def _batches(cfg: RecordConfig, tokenizer: Any) -> Any:
+def shard_size(cfg: RecordConfig) -> int:
+    """Contexts per shard: at least the quantile warm-up (rank 0 fixes the boundaries in shard
+    0), a whole number of batches (a shard's batches are the same on any number of ranks)."""
+    n = max(cfg.shard_contexts, cfg.quantile_warmup, 1)
+    return -(-n // cfg.batch_size) * cfg.batch_size
+
+
+def _shard_batches(cfg: RecordConfig, tokenizer: Any, keep: Any, counts: list[int]) -> Any:
+    """(shard, first context id, contexts) of the shards ``keep`` accepts, in batches that
+    start at the shard's start; ``counts[0]`` ends as the corpus's number of contexts."""
     from neuroscribe.corpus import iter_contexts, iter_texts
 
+    size = shard_size(cfg)
     batch: list[list[int]] = []
-    for c in iter_contexts(iter_texts(cfg.corpus), tokenizer, cfg.ctx_len, cfg.max_tokens):
-        batch.append(c)
-        if len(batch) == cfg.batch_size:
-            yield batch
+    start = shard = 0
+    for i, c in enumerate(iter_contexts(iter_texts(cfg.corpus), tokenizer, cfg.ctx_len,
+                                        cfg.max_tokens)):
+        counts[0] = i + 1
+        s = i // size
+        if not keep(s):
+            continue
+        if batch and (s != shard or len(batch) == cfg.batch_size):
+            yield shard, start, batch
             batch = []
+        if not batch:
+            start, shard = i, s
+        batch.append(c)
     if batch:
-        yield batch
+        yield shard, start, batch
+
+
+def _check(cfg: RecordConfig) -> None:
+    for name in ("n_top", "n_random", "n_quantile", "ctx_len", "batch_size", "max_tokens",
+                 "latent_splits"):
+        if getattr(cfg, name) < (0 if name.startswith("n_") else 1):
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
 
 
 def record(cfg: RecordConfig, run_dir: Path, resume: bool = False,
            subject: Any = None) -> dict[str, Any]:
     """Record every unit of the hookpoints; write ``records/*.safetensors`` and ``record.json``.
 
-    ``subject`` replaces loading ``cfg.model`` (the planted-neuron bench passes the model with
-    its planted units)."""
+    Under torchrun the ranks share the shards and rank 0 merges (``dist.py``); with
+    ``resume``, the checkpoints of a killed run are reused. ``subject`` replaces loading
+    ``cfg.model`` (the planted-neuron bench passes the model with its planted units)."""
     import torch
     from tqdm import tqdm
 
-    from neuroscribe.models import (
-        capture,
-        layer_index,
-        load_subject,
-        resolve_hookpoints,
-        run_to_hooks,
-    )
+    from neuroscribe.models import capture, load_subject, resolve_hookpoints, run_to_hooks
+    from neuroscribe.record import dist
 
+    ranks = dist.init_ranks(cfg.device)
     if claim_stage(run_dir, "record", cfg, resume):
         log.info("record: already complete in %s, skipping", run_dir)
         return json.loads((run_dir / "record.json").read_text())
-    for name in ("n_top", "n_random", "n_quantile", "ctx_len", "batch_size", "max_tokens",
-                 "latent_splits"):
-        if getattr(cfg, name) < (0 if name.startswith("n_") else 1):
-            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    _check(cfg)
+    if ranks.rank == 0 and not resume:
+        dist.clear_checkpoints(run_dir)
+    dist.barrier(ranks)
+    prev = [dist.load_checkpoint(p) for p in dist.checkpoints(run_dir)] if resume else []
+    done = {s for p in prev for s in p["shards"]}
+    dist.barrier(ranks)  # every rank has seen the same checkpoints before any writes one
+    tag = dist.attempt_tag(done)
     subject = subject or load_subject(cfg.model, cfg.device, cfg.dtype)
     if subject.max_context and cfg.ctx_len > subject.max_context:
         raise UserError(f"--ctx-len {cfg.ctx_len} is longer than {cfg.model} allows "
                         f"({subject.max_context} tokens)")
     hookpoints = resolve_hookpoints(subject.model, [h for h in cfg.hookpoints.split(",") if h])
-    gens = (torch.Generator().manual_seed(cfg.seed), derived_generator(cfg.seed, BIN_STREAM))
+    preset = next(({hp: (st["boundaries"], st["hist_edges"]) for hp, st in p["states"].items()}
+                   for p in prev if p["states"]), None)
+    if preset is None and ranks.rank > 0:
+        preset = dist.broadcast(None, ranks)  # rank 0's, once its warm-up is done
+    synced = preset is not None or ranks.world == 1
     recorders: dict[str, Any] = {}
-    n_ctx = 0
+    held: list[int] = []  # shards this rank recorded
+    counts, n_read, last_ckpt = [0], 0, time.monotonic()
+
+    def end_of_shard(shard: int) -> None:
+        nonlocal synced, last_ckpt
+        held.append(shard)
+        if not synced:  # rank 0 after shard 0: a corpus shorter than the warm-up
+            sync()
+        if (cfg.checkpoint_seconds >= 0 and time.monotonic() - last_ckpt >= cfg.checkpoint_seconds
+                and not any(r.sparse for r in recorders.values())):
+            dist.save_checkpoint(run_dir, tag, ranks, held, n_read,
+                                 {hp: r.state() for hp, r in recorders.items()})
+            last_ckpt = time.monotonic()
+        if len(held) == _DIE_AFTER and ranks.rank == ranks.world - 1:  # fault injection, tests
+            os._exit(17)
+
+    def sync() -> None:
+        nonlocal synced
+        for r in recorders.values():
+            r.fix_boundaries()
+        dist.broadcast({hp: (r.boundaries, r.hist_edges) for hp, r in recorders.items()}, ranks)
+        synced = True
+
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.max_tokens, unit="tok", desc="record", disable=None)
+    bar = tqdm(total=cfg.max_tokens, unit="tok", desc="record",
+               disable=True if ranks.rank > 0 else None)
+    cur = None
     with capture(subject.model, hookpoints) as store, torch.inference_mode():
-        for batch in _batches(cfg, subject.tokenizer):
+        for shard, start, batch in _shard_batches(
+                cfg, subject.tokenizer, lambda s: ranks.owns(s) and s not in done, counts):
+            if cur is not None and shard != cur:
+                end_of_shard(cur)
+            cur = shard
             ids = torch.tensor(batch, device=cfg.device)
-            ctx = torch.arange(n_ctx, n_ctx + len(batch))
+            ctx = torch.arange(start, start + len(batch))
             acts_by_hp = run_to_hooks(subject.model, ids, store)
             missing = [hp for hp in hookpoints if hp not in acts_by_hp]
             if missing:
@@ -269,35 +206,86 @@ def record(cfg: RecordConfig, run_dir: Path, resume: bool = False,
                     raise UserError(f"hookpoint {hp} gives shape {tuple(acts.shape)}, "
                                     "not [batch, seq, units]")
                 if hp not in recorders:
-                    recorders[hp] = _recorder(hp, acts, cfg, gens, run_dir)
-                recorders[hp].update(acts, ids.cpu().to(torch.int32), ctx)
-            n_ctx += len(batch)
+                    recorders[hp] = _recorder(hp, acts.shape[-1], acts.is_sparse, cfg, run_dir,
+                                              ranks)
+                    if preset is not None:
+                        recorders[hp].set_boundaries(*preset[hp])
+                recorders[hp].update(acts, ids.cpu().to(torch.int32), ctx, shard)
+            n_read += len(batch)
+            if not synced and all(r.boundaries is not None for r in recorders.values()):
+                sync()
             bar.update(len(batch) * cfg.ctx_len)
+        if cur is not None:
+            end_of_shard(cur)
+        if not synced:
+            sync()
     bar.close()
     seconds = time.perf_counter() - t0
+    n_ctx = counts[0]
     if n_ctx == 0:
         raise UserError(f"corpus {cfg.corpus!r} is empty or shorter than one context "
                         f"({cfg.ctx_len} tokens)")
-    units = {}
+    mine = {"rank": ranks.rank, "contexts": n_read, "shards": held, "seconds": round(seconds, 2),
+            "states": {hp: r.state() for hp, r in recorders.items()},
+            "units": {hp: r.n_units for hp, r in recorders.items()},
+            "spills": {hp: r.cache.spill_files() for hp, r in recorders.items() if r.sparse}}
+    everyone = dist.gather(mine, ranks)
+    info: dict[str, Any] = {}
+    if ranks.rank == 0:
+        info = _finish(cfg, run_dir, subject, hookpoints, recorders, everyone, prev, n_ctx,
+                       seconds, ranks)
+    return dist.broadcast(info, ranks)  # and every rank waits for rank 0's files
+
+
+def _finish(cfg: RecordConfig, run_dir: Path, subject: Any, hookpoints: list[str],
+            recorders: dict[str, Any], everyone: list[dict[str, Any]], prev: list[dict[str, Any]],
+            n_ctx: int, seconds: float, ranks: Ranks) -> dict[str, Any]:
+    """Rank 0: merge every rank's and checkpoint's state, write the records and record.json."""
+    import torch
+
+    from neuroscribe.models import layer_index
+    from neuroscribe.record import dist
+
+    others = [*everyone[1:], *prev]
+    units: dict[str, int] = {}
+    for o in everyone:
+        units.update(o["units"])
+    for hp, n in units.items():
+        if hp not in recorders:  # rank 0 held no shard of it (a resumed run): an empty one
+            recorders[hp] = UnitRecorder(hp, n, cfg)
+            st = next(o["states"][hp] for o in others if hp in o["states"])
+            recorders[hp].set_boundaries(st["boundaries"], st["hist_edges"])
     for hp, rec in recorders.items():
         meta = {"hookpoint": hp, "layer_index": str(layer_index(hp)), "ctx_len": str(cfg.ctx_len)}
+        states = tuple(o["states"][hp] for o in others if hp in o["states"])
+        if rec.sparse and ranks.world > 1:
+            rec.cache.adopt([o["spills"][hp] for o in everyone[1:] if hp in o["spills"]],
+                            latents_dir(run_dir, hp), n_ctx)
         # The recorders' tensors are inference tensors: finish them in inference mode.
         with atomic_path(store_path(run_dir, hp)) as tmp, torch.inference_mode():
-            rec.save(tmp, meta)
-        units[hp] = rec.n_units
+            rec.save(tmp, meta, states)
     write_json(run_dir / "vocab.json", subject.token_strings())
+    n_tok = n_ctx * cfg.ctx_len
     info = {"hookpoints": hookpoints, "units": units, "n_contexts": n_ctx,
-            "n_tokens": n_ctx * cfg.ctx_len, "seconds": round(seconds, 2),
-            "tokens_per_second": round(n_ctx * cfg.ctx_len / seconds, 1),
+            "n_tokens": n_tok, "seconds": round(seconds, 2),
+            "tokens_per_second": round(sum(o["contexts"] for o in everyone) * cfg.ctx_len
+                                       / max(seconds, 1e-9), 1),
+            "world_size": ranks.world, "shard_contexts": shard_size(cfg),
+            "ranks": [{k: o[k] for k in ("rank", "contexts", "shards", "seconds")}
+                      for o in everyone],
+            "resumed_shards": sorted(s for p in prev for s in p["shards"]),
             "seeds": {"random_sample": cfg.seed},
             "latent_caches": {hp: str(latents_dir(Path(), hp)) for hp, rec in recorders.items()
-                              if not isinstance(rec, UnitRecorder)},
+                              if rec.sparse},
             "quantiles": list(QUANTILES), "quantile_basis": "per-context max activation",
             "quantile_bins": "first and last open-ended",
-            "quantile_bin_seed": gens[1].initial_seed()}  # the bins' keys (derived_generator)
+            "random_keys": "hash of (seed, stream, global context id, unit)",
+            "key_streams": {"random_sample": stream_seed(cfg.seed, RANDOM_STREAM),
+                            "quantile_bins": stream_seed(cfg.seed, BIN_STREAM)}}
     save_stage(run_dir, "record", cfg, complete=True, **info)
-    log.info("record: %d tokens in %.1fs (%.0f tok/s)", info["n_tokens"], seconds,
-             info["tokens_per_second"])
+    dist.clear_checkpoints(run_dir)
+    log.info("record: %d tokens in %.1fs (%.0f tok/s, %d rank%s)", n_tok, seconds,
+             info["tokens_per_second"], ranks.world, "s" * (ranks.world > 1))
     return info
 
 

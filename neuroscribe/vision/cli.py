@@ -65,7 +65,7 @@ def record_channels(model: Any, model_name: str, layer: str, cfg: ChannelConfig,
                       "digits", max_tokens=n * g * g, ctx_len=g * g, batch_size=64,
                       n_top=cfg.n_top, n_random=cfg.n_random, quantile_warmup=min(256, n),
                       seed=cfg.stim_seed)
-    rec = UnitRecorder(layer, c, rc, torch.Generator().manual_seed(cfg.stim_seed))
+    rec = UnitRecorder(layer, c, rc)
     flat = torch.from_numpy(np.ascontiguousarray(maps.reshape(n, c, g * g).transpose(0, 2, 1)))
     with torch.inference_mode():
         for i in range(0, n, 64):

@@ -1,0 +1,160 @@
+"""The in-memory recorder of dense units (MLP neurons, residual or attention outputs,
+CNN channels): every exemplar kind is the same streaming top-k (``stats.TopK``), keyed by the
+context's max activation or by a random key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from neuroscribe.errors import UserError
+from neuroscribe.stats import (
+    BIN_STREAM,
+    QUANTILES,
+    Moments,
+    TopK,
+    bin_keys,
+    float_keys,
+    random_keys,
+    scratch,
+    stream_seed,
+)
+
+RANDOM_STREAM = "random-sample"  # the random sample's keys (BIN_STREAM: the bins')
+
+
+class UnitRecorder:
+    """All per-unit state for one hookpoint; ``update`` takes one batch of activations.
+
+    Every exemplar kind is keyed by a pure function of (seed, global context id, unit), so
+    the records do not depend on batching or on how contexts are split across ranks:
+    ``state`` gives plain tensors and ``merge.finish_units`` merges any number of them.
+
+    Per batch this costs a few whole-batch passes (float64 moments, histogram bins, context
+    maxima) plus top-k merges over [units, k + batch] keys (bench/record.py measures it).
+    """
+
+    sparse = False  # SAE latents: ``latents.LatentRecorder``
+
+    def __init__(self, hookpoint: str, n_units: int, cfg: Any) -> None:
+        import torch
+
+        self.hookpoint, self.n_units, self.cfg = hookpoint, n_units, cfg
+        # The bins draw keys of their own: with the random sample's keys, a bin's sample would
+        # hold every random-sample context that falls in the bin (the best keys are the best).
+        self.seeds = (stream_seed(cfg.seed, RANDOM_STREAM), stream_seed(cfg.seed, BIN_STREAM))
+        self.top = TopK(n_units, cfg.n_top, cfg.ctx_len)
+        # Kept n_top larger, so the random sample can exclude top contexts and stay disjoint.
+        self.random = TopK(n_units, cfg.n_random + cfg.n_top, cfg.ctx_len)
+        # One store, one group per quantile bin: a context's key competes only in its bin.
+        self.bins = TopK(n_units, cfg.n_quantile, cfg.ctx_len, groups=len(QUANTILES) - 1)
+        self.moments: dict[int, Moments] = {}  # per shard of contexts
+        self.warm: list[tuple[Any, Any, Any, Any, Any]] = []
+        self.n_warm = 0
+        self.boundaries: Any = None  # [U, len(QUANTILES)]
+        self.hist_edges: Any = None  # [U, bins + 1]
+        self.hist = torch.zeros((n_units, cfg.n_hist_bins), dtype=torch.int64)
+        self._hist_offsets = torch.arange(n_units, dtype=torch.int32) * cfg.n_hist_bins
+        self._bufs: dict[str, Any] = {}  # scratch buffers, reused batch after batch
+
+    def update(self, acts: Any, tokens: Any, ctx: Any, shard: int = 0) -> None:
+        import torch
+
+        acts = acts.detach().to("cpu", torch.float32)
+        moments = self.moments.setdefault(shard, Moments(self.n_units))
+        sums = moments.batch(acts.reshape(-1, self.n_units))
+        if not np.isfinite(sums[1]).all():  # any NaN/Inf makes its unit's batch mean non-finite
+            bad = (~torch.isfinite(acts)).nonzero()[0].tolist()
+            raise UserError(f"non-finite activation (NaN/Inf) at {self.hookpoint} unit {bad[2]}, "
+                            f"context {int(ctx[bad[0]])}, position {bad[1]}")
+        if self.boundaries is not None:  # while the batch is still in cache
+            self._histogram(acts.reshape(-1, self.n_units))
+        ctx_max = acts.amax(dim=1)
+        self.top.update(float_keys(ctx_max, ctx), acts, tokens, ctx)
+        self.random.update(random_keys(self.seeds[0], ctx, self.n_units), acts, tokens, ctx)
+        keys = random_keys(self.seeds[1], ctx, self.n_units)  # the bins' own
+        moments.merge(*sums)
+        if self.boundaries is None:
+            self.warm.append((acts, tokens, ctx, ctx_max, keys))
+            self.n_warm += acts.shape[0]
+            if self.n_warm >= self.cfg.quantile_warmup:
+                self.fix_boundaries()
+        else:
+            self._bin_samples(acts, tokens, ctx, ctx_max, keys)
+
+    def fix_boundaries(self) -> None:
+        """Quantile boundaries and histogram edges from the first ``quantile_warmup`` contexts
+        (all, if fewer); then what the buffered batches could not do without them."""
+        import torch
+
+        if self.boundaries is not None or not self.warm:
+            return
+        n = self.cfg.quantile_warmup
+        maxima = torch.cat([w[3] for w in self.warm])[:n]  # [N, U]
+        q = torch.tensor(QUANTILES, dtype=torch.float64)
+        # [U, Q]; along contiguous rows: the values of dim 0 of maxima, several times faster.
+        per_unit = maxima.T.double().contiguous()
+        boundaries = torch.quantile(per_unit, q, dim=1).T.float()
+        lo = torch.cat([w[0].amin(dim=1) for w in self.warm])[:n].amin(0)
+        hi = maxima.amax(0)
+        hi = torch.where(hi > lo, hi, lo + 1)
+        edges = torch.stack([torch.linspace(a, b, self.cfg.n_hist_bins + 1)
+                             for a, b in zip(lo.tolist(), hi.tolist())])
+        self.set_boundaries(boundaries, edges)
+
+    def set_boundaries(self, boundaries: Any, edges: Any) -> None:
+        """Use these boundaries and edges (another rank's, or a checkpoint's)."""
+        self.boundaries, self.hist_edges = boundaries, edges
+        warm, self.warm = self.warm, []
+        for w in warm:
+            self._histogram(w[0].reshape(-1, self.n_units))
+            self._bin_samples(*w)
+
+    def _bin_samples(self, acts: Any, tokens: Any, ctx: Any, ctx_max: Any, keys: Any) -> None:
+        """The random samples per quantile bin: a context's key competes only in its bin (the
+        first and last bins open-ended: every context is in one)."""
+        self.bins.update_rows(bin_keys(self.boundaries, ctx_max, keys), acts, tokens, ctx)
+
+    def _histogram(self, x: Any) -> None:
+        """Count x [N, U] into the bins; values outside the warm-up range go to the end bins."""
+        import torch
+
+        lo, hi = self.hist_edges[:, 0], self.hist_edges[:, -1]
+        nb = self.cfg.n_hist_bins
+        pos = torch.sub(x, lo, out=scratch(self._bufs, "pos", x.shape, torch.float32))
+        pos.div_(hi - lo).mul_(nb).clamp_(0, nb - 1)
+        # Clamping before the int conversion (which truncates) is flooring, then clamping.
+        idx = scratch(self._bufs, "idx", x.shape, torch.int32).copy_(pos)
+        idx += self._hist_offsets  # unit u counts into bins [u * nb, (u + 1) * nb)
+        self.hist += torch.bincount(idx.view(-1), minlength=self.n_units * nb).view(
+            self.n_units, nb)
+
+    def state(self) -> dict[str, Any]:
+        """Everything recorded so far, as plain tensors (``merge.finish_units`` merges them)."""
+        from neuroscribe.record.merge import moments_state
+
+        self.fix_boundaries()
+        return {"top": self.top.state(), "random": self.random.state(),
+                "bins": self.bins.state(), "hist": self.hist.clone(),
+                "boundaries": self.boundaries, "hist_edges": self.hist_edges,
+                **moments_state(self.moments)}
+
+    def finished(self, others: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+        """The records file's tensors, merged with other ranks' or checkpoints' states."""
+        from neuroscribe.record.merge import finish_units
+
+        return finish_units(self.cfg, [self.state(), *others])
+
+    def save(self, path: Path, metadata: dict[str, str],
+             others: tuple[dict[str, Any], ...] = ()) -> None:
+        from neuroscribe.record.latent_cache import TensorFile
+
+        # Our writer, not safetensors': its header (metadata included) is the same bytes in
+        # every process, so runs on any number of ranks can be compared file for file.
+        out = {k: v.numpy() for k, v in self.finished(others).items()}
+        with TensorFile(path, {k: (v.dtype, v.shape) for k, v in out.items()}, metadata) as f:
+            for k, v in out.items():
+                f.write(k, 0, v)
