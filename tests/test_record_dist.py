@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,15 @@ def torchrun(n: int, args: list[str], env: dict[str, str] | None = None,
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}",
            "--standalone", "-m", "neuroscribe", *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    p = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=300)
+    # its own process group: a hung run is killed whole, ranks included, not left behind
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=full_env, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    p = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if check and p.returncode != 0:
         raise AssertionError(p.stdout[-3000:] + p.stderr[-3000:])
     return p

@@ -225,8 +225,10 @@ def record(cfg: RecordConfig, run_dir: Path, resume: bool = False,
     if n_ctx == 0:
         raise UserError(f"corpus {cfg.corpus!r} is empty or shorter than one context "
                         f"({cfg.ctx_len} tokens)")
+    with torch.inference_mode():  # the recorders' tensors are inference tensors
+        states = {hp: r.state() for hp, r in recorders.items()}
     mine = {"rank": ranks.rank, "contexts": n_read, "shards": held, "seconds": round(seconds, 2),
-            "states": {hp: r.state() for hp, r in recorders.items()},
+            "states": states,
             "units": {hp: r.n_units for hp, r in recorders.items()},
             "spills": {hp: r.cache.spill_files() for hp, r in recorders.items() if r.sparse}}
     everyone = dist.gather(mine, ranks)
