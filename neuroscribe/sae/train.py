@@ -35,7 +35,7 @@ class TrainSaeConfig(SaeConfig):
     """How to train it."""
 
     lr: float = opt(0.0, "Adam learning rate; 0 = 2e-4 / sqrt(n_latents / 16384), as sparsify")
-    batch_size: int = opt(4096, "tokens per step")
+    batch_size: int = opt(4096, "tokens per step (per process under torchrun)")
     l1_coeff: float = opt(1.0, "relu: L1 penalty on latents (x sqrt(d_in) scaled inputs)")
     l0_coeff: float = opt(0.01, "jumprelu: L0 penalty")
     jumprelu_bandwidth: float = opt(0.05, "jumprelu: straight-through kernel width "
