@@ -91,11 +91,12 @@ class Comm:
         self.all_reduce(counts)
         return counts[:-1] > 0, bool(counts[-1] > 0)
 
-    def mean_floats(self, values: list[float]) -> list[float]:
-        """The mean over ranks of a few logged numbers."""
+    def mean_floats(self, values: list[float], device: Any = "cpu") -> list[float]:
+        """The mean over ranks of a few logged numbers (reduced on ``device``: NCCL needs
+        CUDA tensors)."""
         if not self.active:
             return values
-        t = self.all_reduce(torch.tensor(values, dtype=torch.float64))
+        t = self.all_reduce(torch.tensor(values, dtype=torch.float64, device=device))
         return (t / self.world).tolist()
 
 

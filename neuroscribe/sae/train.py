@@ -185,7 +185,8 @@ def _fold_scale(sae: Sae, scale: float) -> Sae:
 def _log_entry(state: _State, res: Any, cfg: TrainSaeConfig, comm: Comm) -> dict[str, Any]:
     """The step's metrics; under DDP each is the mean over ranks (the global batch's)."""
     names = ["loss", "l0", *res.parts]
-    values = comm.mean_floats([float(res.loss.detach()), res.l0, *res.parts.values()])
+    values = comm.mean_floats([float(res.loss.detach()), res.l0, *res.parts.values()],
+                              cfg.device)
     dead = float((state.since_fired >= cfg.dead_tokens).float().mean())
     mean = dict(zip(names, values))
     return {"step": state.step, "tokens": state.tokens, "loss": mean.pop("loss"),
