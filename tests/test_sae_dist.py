@@ -3,6 +3,7 @@ at batch B; resume under 2 ranks; one SAE per hookpoint per rank; bf16 keeps fp3
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -57,7 +58,9 @@ def _worker(rank: int, world: int, port: int, task: str, folder: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a collective that one rank skips fails after a minute instead of hanging the test
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     comm, root = Comm.current(), Path(folder)
     result: dict[str, Any] = {}
     if task == "equivalence":
