@@ -58,8 +58,8 @@ ACTS = CACHE / "bench-acts"
 
 # venv name -> pinned requirement (the versions this benchmark was written against)
 LIBRARIES = {"sparsify": "eai-sparsify==1.3.3", "saelens": "sae-lens==6.54.12"}
-VENV_OF = {"neuroscribe": None, "sparsify": "sparsify", "sparsify-signum": "sparsify",
-           "saelens": "saelens"}
+VENV_OF = {"neuroscribe": None, "neuroscribe-bf16": None, "sparsify": "sparsify",
+           "sparsify-fused": "sparsify", "sparsify-signum": "sparsify", "saelens": "saelens"}
 FLOPS_FORMULA = ("dense-equivalent flops per step = 6 * batch * d_in * n_latents: a dense "
                  "encoder's forward (2BDN), weight-gradient (2BDN) and input-gradient (2BDN) "
                  "matmuls. The decoder and the k-sparse work are not counted; a TopK trainer "
@@ -68,9 +68,12 @@ FLOPS_FORMULA = ("dense-equivalent flops per step = 6 * batch * d_in * n_latents
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--libs", default="neuroscribe,sparsify,saelens",
-                   help="comma-separated: neuroscribe, sparsify, saelens, sparsify-signum "
-                        "(sparsify with its default schedule-free signum optimizer)")
+    p.add_argument("--libs", default="neuroscribe,neuroscribe-bf16,sparsify,sparsify-fused,"
+                   "saelens",
+                   help="comma-separated: neuroscribe, neuroscribe-bf16 (--dtype bfloat16), "
+                        "sparsify, sparsify-fused (its Adam with fused=True, as neuroscribe's), "
+                        "saelens, sparsify-signum (sparsify with its default schedule-free "
+                        "signum optimizer)")
     p.add_argument("--synthetic", action="store_true", help="Gaussian activations, no model")
     p.add_argument("--d-in", type=int, default=1536, help="width of --synthetic activations")
     p.add_argument("--model", default="smollm2")
@@ -208,10 +211,11 @@ def record_acts(args: argparse.Namespace, n_tokens: int) -> torch.Tensor:
 # ---- the machine's matmul peak --------------------------------------------------------------
 
 
-def matmul_gflops(m: int, k: int, n: int, threads: int, seconds: float = 3.0) -> float:
-    """Best GFLOP/s of an fp32 [m, k] @ [k, n] over about ``seconds`` of repeats."""
+def matmul_gflops(m: int, k: int, n: int, threads: int, seconds: float = 3.0,
+                  dtype: torch.dtype = torch.float32) -> float:
+    """Best GFLOP/s of a [m, k] @ [k, n] in ``dtype`` over about ``seconds`` of repeats."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(m, k), torch.randn(k, n)
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     for _ in range(3):
         torch.matmul(a, b)
     best, t_end = float("inf"), time.perf_counter() + seconds
@@ -275,6 +279,19 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def speed_ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """tokens/s of each neuroscribe row over each sparsify row, and the FVU gap (neuroscribe
+    minus sparsify) of each pair."""
+    out: dict[str, float] = {}
+    for ours in ("neuroscribe", "neuroscribe-bf16"):
+        for theirs in ("sparsify", "sparsify-fused"):
+            if ours in results and theirs in results:
+                a, b = results[ours], results[theirs]
+                out[f"{ours}/{theirs}"] = round(a["tokens_per_s"] / b["tokens_per_s"], 3)
+                out[f"fvu {ours} - {theirs}"] = round(a["heldout_fvu"] - b["heldout_fvu"], 5)
+    return out
+
+
 def write_fixtures(args: argparse.Namespace) -> None:
     args.write_fixtures.mkdir(parents=True, exist_ok=True)
     for lib in LIBRARIES:
@@ -311,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"fp32 matmul peak ({args.threads} threads) ...", file=sys.stderr)
     peak = matmul_gflops(2048, 2048, 2048, args.threads)
     enc = matmul_gflops(args.batch_size, d_in, args.n_latents, args.threads)
+    enc_bf16 = matmul_gflops(args.batch_size, d_in, args.n_latents, args.threads,
+                             dtype=torch.bfloat16)
     load_start = loadavg()
     runs: dict[str, list[dict[str, Any]]] = {lib: [] for lib in libs}
     with tempfile.TemporaryDirectory() as tmp:
@@ -328,10 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     flops_per_step = 6 * args.batch_size * d_in * args.n_latents
     results = {lib: summarise(lib, rs, flops_per_step, args.steps, max(peak, peak_after))
                for lib, rs in runs.items()}
-    if "neuroscribe" in results and "sparsify" in results:
-        ratio = results["neuroscribe"]["tokens_per_s"] / results["sparsify"]["tokens_per_s"]
-    else:
-        ratio = None
+    ratios = speed_ratios(results)
+    ratio = ratios.get("neuroscribe/sparsify")
     result = {
         "benchmark": "TopK SAE training throughput: neuroscribe vs EleutherAI sparsify vs "
                      "SAELens",
@@ -365,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
             "peak_measured_with": f"torch.matmul fp32 2048x2048 @ 2048x2048, {args.threads} "
                                   f"threads, best of repeats, torch {torch.__version__}",
             "encoder_matmul_gflops": round(enc, 1),
+            "encoder_matmul_gflops_bf16": round(enc_bf16, 1),
             "encoder_matmul_shape": [args.batch_size, d_in, args.n_latents],
             "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "processor": platform.processor() or None,
@@ -374,6 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         "flops_per_step": flops_per_step,
         "results": results,
         "neuroscribe_over_sparsify_tokens_per_s": round(ratio, 3) if ratio else None,
+        "ratios": ratios,
         "raw": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -381,9 +400,11 @@ def main(argv: list[str] | None = None) -> None:
     tmp_out.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp_out, args.out)
     print(f"fp32 peak {result['machine']['fp32_matmul_peak_gflops']} GFLOP/s; encoder matmul "
-          f"{enc:.1f} GFLOP/s; d_in={d_in} n_latents={args.n_latents} k={args.k} "
-          f"batch={args.batch_size} steps={args.steps}")
+          f"{enc:.1f} GFLOP/s (bf16 {enc_bf16:.1f}); d_in={d_in} n_latents={args.n_latents} "
+          f"k={args.k} batch={args.batch_size} steps={args.steps}")
     print(table(results))
+    for name, value in ratios.items():
+        print(f"{name}: {value}")
     print(f"wrote {args.out}", file=sys.stderr)
 
 

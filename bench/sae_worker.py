@@ -4,8 +4,9 @@ It runs in that library's own virtual environment (neuroscribe: the calling inte
 imports nothing from neuroscribe unless it is training neuroscribe, and needs only torch and
 safetensors besides the library under test.
 
-    python bench/sae_worker.py train LIB SPEC.json OUT.json      # LIB: neuroscribe, sparsify,
-                                                                 #      saelens, sparsify-signum
+    python bench/sae_worker.py train LIB SPEC.json OUT.json      # LIB: neuroscribe,
+                                   # neuroscribe-bf16, sparsify, sparsify-fused, saelens,
+                                   # sparsify-signum
     python bench/sae_worker.py fixtures LIB FOLDER               # LIB: sparsify, saelens
 
 ``train`` loads the activations file named in SPEC (safetensors with ``train`` [N, d_in] and
@@ -45,6 +46,14 @@ WHAT_IS_TIMED = {
         "auxk_alpha*auxk + multi_topk_fvu/8, did_fire bookkeeping, "
         "remove_gradient_parallel_to_decoder_directions(), torch.optim.Adam step at a constant "
         "lr (the Trainer's adam path without bitsandbytes; schedule replaced by constant lr)."
+    ),
+    "neuroscribe-bf16": (
+        "As 'neuroscribe' with dtype='bfloat16': the encoder matmul in bf16 (bf16 copies of "
+        "W_enc and the centred inputs each step), fp32 master weights, fp32 fused Adam state."
+    ),
+    "sparsify-fused": (
+        "As 'sparsify' with only torch.optim.Adam(fused=True) changed (neuroscribe's optimizer "
+        "setting), to separate the loop's own lead from the fused optimizer's."
     ),
     "sparsify-signum": (
         "As 'sparsify' but with sparsify's default optimizer: ScheduleFreeWrapper(SignSGD, "
@@ -123,7 +132,8 @@ def fvu(reconstruct: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
 # ---- trainers: each returns (seconds of the timed steps, reconstruct function, extra info) ---
 
 
-def train_neuroscribe(spec: dict[str, Any], clock: Clock) -> tuple[float, Any, dict[str, Any]]:
+def train_neuroscribe(spec: dict[str, Any], clock: Clock,
+                      dtype: str = "float32") -> tuple[float, Any, dict[str, Any]]:
     import dataclasses
 
     from neuroscribe.sae.train import TrainSaeConfig, train_sae
@@ -136,7 +146,7 @@ def train_neuroscribe(spec: dict[str, Any], clock: Clock) -> tuple[float, Any, d
     for name, value in (("steps", total), ("max_steps", total), ("n_steps", total),
                         ("max_tokens", total * spec["batch_size"]),
                         ("n_tokens", total * spec["batch_size"]),
-                        ("threads", spec["threads"])):
+                        ("threads", spec["threads"]), ("dtype", dtype)):
         if name in names:
             want[name] = value
     cfg = TrainSaeConfig(**{k: v for k, v in want.items() if k in names})
@@ -151,8 +161,8 @@ def train_neuroscribe(spec: dict[str, Any], clock: Clock) -> tuple[float, Any, d
     }
 
 
-def train_sparsify(spec: dict[str, Any], clock: Clock,
-                   signum: bool = False) -> tuple[float, Any, dict[str, Any]]:
+def train_sparsify(spec: dict[str, Any], clock: Clock, signum: bool = False,
+                   fused: bool = False) -> tuple[float, Any, dict[str, Any]]:
     from sparsify import SaeConfig, SparseCoder
 
     n, k, B = spec["n_latents"], spec["k"], spec["batch_size"]
@@ -170,7 +180,7 @@ def train_sparsify(spec: dict[str, Any], clock: Clock,
         opt.train()
     else:
         lr = spec["lr"]
-        opt = torch.optim.Adam(sae.parameters(), lr=lr)
+        opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=fused)
     did_fire = torch.zeros(n, dtype=torch.bool)
     since_fired = torch.zeros(n, dtype=torch.long)
     dead_threshold = 10_000_000  # TrainConfig.dead_feature_threshold
@@ -204,7 +214,7 @@ def train_sparsify(spec: dict[str, Any], clock: Clock,
 
     return seconds, reconstruct, {
         "config": {**sae_cfg.to_dict(), "optimizer": "signum (schedule-free)" if signum
-                   else "torch.optim.Adam", "lr": lr, "auxk_alpha": auxk_alpha},
+                   else f"torch.optim.Adam(fused={fused})", "lr": lr, "auxk_alpha": auxk_alpha},
         "train_metrics": {"last_batch_fvu": fvus[-1]},
     }
 
@@ -234,11 +244,14 @@ def train_saelens(spec: dict[str, Any], clock: Clock) -> tuple[float, Any, dict[
 
 TRAINERS: dict[str, Callable[..., tuple[float, Any, dict[str, Any]]]] = {
     "neuroscribe": train_neuroscribe,
+    "neuroscribe-bf16": lambda spec, clock: train_neuroscribe(spec, clock, dtype="bfloat16"),
     "sparsify": train_sparsify,
+    "sparsify-fused": lambda spec, clock: train_sparsify(spec, clock, fused=True),
     "sparsify-signum": lambda spec, clock: train_sparsify(spec, clock, signum=True),
     "saelens": train_saelens,
 }
-DISTS = {"neuroscribe": "neuroscribe", "sparsify": "eai-sparsify",
+DISTS = {"neuroscribe": "neuroscribe", "neuroscribe-bf16": "neuroscribe",
+         "sparsify": "eai-sparsify", "sparsify-fused": "eai-sparsify",
          "sparsify-signum": "eai-sparsify", "saelens": "sae-lens"}
 
 

@@ -118,16 +118,16 @@ def _puzzles(args: argparse.Namespace) -> None:
 
 def _train_sae(args: argparse.Namespace) -> None:
     from neuroscribe.sae.acts import ActsConfig
-    from neuroscribe.sae.eval import train_sae_stage
+    from neuroscribe.sae.launch import train_sae_command
     from neuroscribe.sae.train import TrainSaeConfig
 
-    out = Path(args.out)
-    m = train_sae_stage(config_from(args, ActsConfig), config_from(args, TrainSaeConfig), out,
-                        args.resume)
-    h, s = m["held_out"], m["spliced"]
-    print(f"trained {m['steps']} steps ({m['tokens']} tokens, {m['seconds']:.0f}s): "
-          f"FVU {h['fvu']:.3f}, L0 {h['l0']:.1f}, dead {m['dead_fraction']:.1%}, "
-          f"CE recovered {s['ce_loss_recovered']:.3f}, KL {s['kl_sae']:.3f} -> {out}")
+    done = train_sae_command(config_from(args, ActsConfig), config_from(args, TrainSaeConfig),
+                             Path(args.out), args.resume)
+    for out, m in done:  # under torchrun: rank 0's SAE, or each rank's own hookpoints
+        h, s = m["held_out"], m["spliced"]
+        print(f"trained {m['steps']} steps ({m['tokens']} tokens, {m['seconds']:.0f}s): "
+              f"FVU {h['fvu']:.3f}, L0 {h['l0']:.1f}, dead {m['dead_fraction']:.1%}, "
+              f"CE recovered {s['ce_loss_recovered']:.3f}, KL {s['kl_sae']:.3f} -> {out}")
 
 
 def _stage_configs() -> dict[str, list[type]]:

@@ -26,7 +26,11 @@ class ActsConfig:
     """Where the training activations come from."""
 
     model: str = opt("smollm2", "subject model (as for record)")
-    hookpoint: str = opt("model.layers.3.mlp.act_fn", "one module path (PATH or PATH:input)")
+    hookpoint: str = opt("model.layers.3.mlp.act_fn", "one module path (PATH or PATH:input); "
+                         "with --distribute-hookpoints, several (comma-separated or a glob)")
+    distribute_hookpoints: bool = opt(False, "one SAE per hookpoint, hookpoint i trained by "
+                                      "rank i mod ranks (under torchrun), each into "
+                                      "OUT/HOOKPOINT")
     corpus: str = opt("default", "corpus (as for record)")
     max_tokens: int = opt(2_000_000, "training tokens to stream")
     ctx_len: int = opt(64, "tokens per context")
@@ -48,7 +52,8 @@ def model_chunks(cfg: ActsConfig, skip_contexts: int = 0, device: str = "cpu") -
     subject = load_subject(cfg.model, device=device)
     hps = resolve_hookpoints(subject.model, [cfg.hookpoint])
     if len(hps) != 1:
-        raise UserError(f"SAE training needs one hookpoint; {cfg.hookpoint!r} matches {len(hps)}")
+        raise UserError(f"SAE training needs one hookpoint; {cfg.hookpoint!r} matches "
+                        f"{len(hps)} (pass --distribute-hookpoints for one SAE each)")
     contexts = iter_contexts(iter_texts(cfg.corpus), subject.tokenizer, cfg.ctx_len,
                              cfg.max_tokens + cfg.eval_tokens)
     batch: list[list[int]] = []

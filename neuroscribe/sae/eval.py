@@ -28,6 +28,7 @@ from neuroscribe.sae.acts import (
     store_batches,
     write_store,
 )
+from neuroscribe.sae.dist import Comm
 from neuroscribe.sae.model import Sae
 from neuroscribe.sae.train import TrainSaeConfig, evaluate, load_checkpoint, train_sae
 
@@ -147,10 +148,11 @@ def plot_history(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def _eval_set(out: Path, acts: ActsConfig, resume: bool, device: str = "cpu"
-              ) -> tuple[Any, Any]:
+def _eval_set(out: Path, acts: ActsConfig, resume: bool, device: str = "cpu",
+              writes: bool = True) -> tuple[Any, Any]:
     """Held-out activations and the training chunk stream (both from the model, run on
-    ``device``, or a store)."""
+    ``device``, or a store). Without ``writes`` (ranks other than 0), the same stream, but
+    nothing is written."""
     from safetensors.torch import load_file, save_file
 
     store = Path(acts.store) if acts.store else None
@@ -161,6 +163,8 @@ def _eval_set(out: Path, acts: ActsConfig, resume: bool, device: str = "cpu"
     if resume and held_path.exists():
         return load_file(str(held_path))["acts"], None
     held, rest = split_eval(model_chunks(acts, device=device), acts.eval_tokens)
+    if not writes:
+        return held, rest
     out.mkdir(parents=True, exist_ok=True)
     save_file({"acts": held.cpu().contiguous()}, str(held_path))
     if store is not None:
@@ -171,32 +175,49 @@ def _eval_set(out: Path, acts: ActsConfig, resume: bool, device: str = "cpu"
 
 
 def train_sae_stage(acts: ActsConfig, cfg: TrainSaeConfig, out: Path,
-                    resume: bool = False) -> dict[str, Any]:
-    """Train and evaluate; save cfg.json, sae.safetensors, metrics.json and metrics.png."""
-    if acts.max_tokens < cfg.batch_size:
+                    resume: bool = False, comm: Comm | None = None) -> dict[str, Any]:
+    """Train and evaluate; save cfg.json, sae.safetensors, metrics.json and metrics.png.
+
+    Under torchrun (``comm``, by default the initialised group) this is data-parallel: a step's
+    global batch is ``batch_size`` x ranks tokens, every rank reads the same global batches and
+    trains on its rows of each, rank 0 alone writes files and runs the held-out and spliced
+    evaluation (the metrics returned on other ranks have neither)."""
+    comm = comm or Comm.current()
+    batch = cfg.batch_size * comm.world  # the global batch
+    if acts.max_tokens < batch:
         raise UserError(f"--max-tokens {acts.max_tokens} is less than one batch "
-                        f"({cfg.batch_size})")
+                        f"({batch})")
     if resume and not (out / "checkpoint.pt").exists():
         raise UserError(f"--resume: no checkpoint in {out}")
     if not resume and (out / "sae.safetensors").exists():
         raise UserError(f"{out} already holds an SAE; pass --resume or pick another --out")
     cfg = replace(cfg, hookpoint=cfg.hookpoint or acts.hookpoint)
     start = load_checkpoint(out)["state"]["step"] if resume else 0
-    held, rest = _eval_set(out, acts, resume, cfg.device)
+    comm.barrier()  # every rank has looked for the store before rank 0 starts writing one
+    held, rest = _eval_set(out, acts, resume, cfg.device, writes=comm.rank == 0)
     if acts.store and (Path(acts.store) / "store.json").exists() and rest is None:
-        batches = store_batches(Path(acts.store), cfg.batch_size, cfg.seed, start_step=start)
+        batches = store_batches(Path(acts.store), batch, cfg.seed, start_step=start)
     else:
         if rest is None:  # resuming a streamed run: skip the contexts already used (approx.)
             per_ctx = acts.ctx_len - int(acts.skip_first)
-            skip = -(-acts.eval_tokens // per_ctx) + start * cfg.batch_size // per_ctx
+            skip = -(-acts.eval_tokens // per_ctx) + start * batch // per_ctx
             rest = model_chunks(acts, skip_contexts=skip, device=cfg.device)
-        batches = shuffled(rest, cfg.batch_size, acts.shuffle_tokens, cfg.seed)
-    total = acts.max_tokens // cfg.batch_size
+        batches = shuffled(rest, batch, acts.shuffle_tokens, cfg.seed)
+    total = acts.max_tokens // batch
     limited = (b for i, b in zip(range(total - start), batches))
     sae, metrics = train_sae(cfg, limited, d_in=held.shape[-1], out=out, resume=resume,
-                             total_steps=total)
-    for _ in batches:  # a store being written gets the rest of the stream, and its index
-        pass
+                             total_steps=total, comm=comm)
+    if comm.rank == 0:
+        for _ in batches:  # a store being written gets the rest of the stream, and its index
+            pass
+        _evaluate_and_write(acts, cfg, out, sae, held, metrics)
+    comm.barrier()
+    return metrics
+
+
+def _evaluate_and_write(acts: ActsConfig, cfg: TrainSaeConfig, out: Path, sae: Sae, held: Any,
+                        metrics: dict[str, Any]) -> None:
+    """Held-out and spliced-in metrics, then metrics.json and metrics.png."""
     sae = sae.to(cfg.device)
     metrics["held_out"] = evaluate(sae, held)
     model, ids = _eval_ids(acts, n_contexts=16, device=cfg.device)
@@ -205,4 +226,3 @@ def train_sae_stage(acts: ActsConfig, cfg: TrainSaeConfig, out: Path,
     write_json(out / "metrics.json", metrics)
     if metrics["history"]:
         plot_history(metrics["history"], out / "metrics.png")
-    return metrics

@@ -37,7 +37,7 @@ class _Picked(torch.autograd.Function):
                 cols: Any) -> Any:
         ctx.save_for_backward(x, W_enc, b_dec, rows, cols)
         ctx.n_latents = W_enc.shape[1]
-        return pre[rows, cols]
+        return pre[rows, cols].to(x.dtype)  # fp32 values even from a bf16 ``pre``
 
     @staticmethod
     def backward(ctx: Any, g: Any) -> Any:
@@ -50,9 +50,26 @@ class _Picked(torch.autograd.Function):
         return None, None, grad_W_enc, grad_b_enc, grad_b_dec, None, None
 
 
-def _pre(sae: Sae, x: Any) -> Any:
+def matmul_dtype(cfg: Any) -> Any:
+    """The dtype of the big matmuls: ``cfg.dtype`` (fp32 master weights either way)."""
+    return getattr(torch, getattr(cfg, "dtype", "float32"))
+
+
+def _addmm(bias: Any, a: Any, w: Any, dtype: Any) -> Any:
+    """``bias + a @ w``, computed in ``dtype`` from fp32 tensors (autograd casts back)."""
+    if dtype == torch.float32:
+        return torch.addmm(bias, a, w)
+    return torch.addmm(bias.to(dtype), a.to(dtype), w.to(dtype)).float()
+
+
+def _pre(sae: Sae, x: Any, cfg: Any) -> Any:
+    """Encoder pre-activations without autograd; in bf16 (kept bf16, top-k chosen there) when
+    ``cfg.dtype`` says so."""
+    dtype = matmul_dtype(cfg)
     with torch.no_grad():
-        return torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc)
+        if dtype == torch.float32:
+            return torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc)
+        return torch.addmm(sae.b_enc.to(dtype), (x - sae.b_dec).to(dtype), sae.W_enc.to(dtype))
 
 
 def _pick(sae: Sae, pre: Any, x: Any, rows: Any, cols: Any) -> Any:
@@ -61,6 +78,15 @@ def _pick(sae: Sae, pre: Any, x: Any, rows: Any, cols: Any) -> Any:
 
 def _recon_loss(x: Any, x_hat: Any, total_var: Any) -> Any:
     return (x_hat - x).pow(2).sum() / total_var
+
+
+def _total_var(x: Any, state: dict[str, Any]) -> Any:
+    """The loss denominator: the batch's summed variance. Under DDP the training loop gives it,
+    from the global batch and divided by the number of ranks, so that the ranks' averaged
+    gradients are the global batch's."""
+    if state.get("total_var") is not None:
+        return state["total_var"]
+    return (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
 def _auxk(sae: Sae, pre: Any, x: Any, residual: Any, dead: Any, total_var: Any) -> Any:
@@ -85,7 +111,7 @@ def _auxk(sae: Sae, pre: Any, x: Any, residual: Any, dead: Any, total_var: Any) 
 
 
 def step_topk(sae: Sae, x: Any, state: dict[str, Any], cfg: Any) -> Step:
-    pre = _pre(sae, x)
+    pre = _pre(sae, x, cfg)
     B, k = x.shape[0], sae.cfg.k
     _, idx = pre.topk(k, dim=1, sorted=False)
     rows = torch.arange(B, device=x.device).repeat_interleave(k)
@@ -95,10 +121,24 @@ def step_topk(sae: Sae, x: Any, state: dict[str, Any], cfg: Any) -> Step:
                      l0=float((vals > 0).sum()) / B)
 
 
+def _global_topk(pre: Any, k: int, comm: Any) -> tuple[Any, Any]:
+    """The entries of this rank's ``pre`` among the ``k * world`` largest over all ranks: each
+    rank's own top ``k * world`` values are gathered and the cutoff is the smallest winner."""
+    kg = min(k * comm.world, pre.numel())
+    top, flat = pre.reshape(-1).topk(kg, sorted=False)
+    cutoff = comm.gather(top).topk(kg, sorted=False).values.min()
+    keep = top >= cutoff
+    return top[keep], flat[keep]
+
+
 def step_batchtopk(sae: Sae, x: Any, state: dict[str, Any], cfg: Any) -> Step:
-    pre = _pre(sae, x)
+    pre = _pre(sae, x, cfg)
     B, n = pre.shape
-    top, flat = pre.reshape(-1).topk(B * sae.cfg.k, sorted=False)
+    comm = state.get("comm")
+    if comm is not None and comm.active:  # the top k x global batch over all ranks
+        top, flat = _global_topk(pre, B * sae.cfg.k, comm)
+    else:
+        top, flat = pre.reshape(-1).topk(B * sae.cfg.k, sorted=False)
     flat = flat[top > 0].sort().values  # row-major order: bags of rows for embedding_bag
     rows, cols = flat // n, flat % n
     vals = _pick(sae, pre, x, rows, cols)
@@ -108,6 +148,10 @@ def step_batchtopk(sae: Sae, x: Any, state: dict[str, Any], cfg: Any) -> Step:
                             mode="sum") + sae.b_dec
     with torch.no_grad():  # the inference threshold: a running mean of the smallest kept value
         low = vals.min() if len(vals) else sae.threshold
+        if comm is not None and comm.active:
+            low = comm.all_reduce(vals.min() if len(vals) else torch.tensor(
+                float("inf"), device=x.device), "min")
+            low = sae.threshold if torch.isinf(low) else low
         m = cfg.threshold_momentum
         sae.threshold.copy_(low if state["step"] == 0 else m * sae.threshold + (1 - m) * low)
     return _with_aux(sae, pre, x, x_hat, cols, state, cfg, l0=len(vals) / B)
@@ -115,7 +159,7 @@ def step_batchtopk(sae: Sae, x: Any, state: dict[str, Any], cfg: Any) -> Step:
 
 def _with_aux(sae: Sae, pre: Any, x: Any, x_hat: Any, active: Any, state: dict[str, Any],
               cfg: Any, l0: float) -> Step:
-    total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    total_var = _total_var(x, state)
     recon = _recon_loss(x, x_hat, total_var)
     fired = torch.zeros(sae.cfg.n_latents, dtype=torch.bool, device=x.device)
     fired[active] = True
@@ -130,9 +174,10 @@ def _with_aux(sae: Sae, pre: Any, x: Any, x_hat: Any, active: Any, state: dict[s
 
 def step_relu(sae: Sae, x: Any, state: dict[str, Any], cfg: Any) -> Step:
     """ReLU with an L1 penalty on the latents (decoder rows are unit norm, so plain L1)."""
-    latents = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc).relu()
-    x_hat = latents @ sae.W_dec + sae.b_dec
-    total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    dtype = matmul_dtype(cfg)
+    latents = _addmm(sae.b_enc, x - sae.b_dec, sae.W_enc, dtype).relu()
+    x_hat = _addmm(sae.b_dec, latents, sae.W_dec, dtype)
+    total_var = _total_var(x, state)
     recon = _recon_loss(x, x_hat, total_var)
     l1 = latents.sum(1).mean() / sae.cfg.d_in ** 0.5
     loss = recon + cfg.l1_coeff * l1
@@ -174,11 +219,12 @@ class _Step(torch.autograd.Function):
 
 
 def step_jumprelu(sae: Sae, x: Any, state: dict[str, Any], cfg: Any) -> Step:
-    pre = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc)
+    dtype = matmul_dtype(cfg)
+    pre = _addmm(sae.b_enc, x - sae.b_dec, sae.W_enc, dtype)
     t = sae.log_threshold.exp()
     latents = _JumpReLU.apply(pre, t, cfg.jumprelu_bandwidth)
-    x_hat = latents @ sae.W_dec + sae.b_dec
-    total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    x_hat = _addmm(sae.b_dec, latents, sae.W_dec, dtype)
+    total_var = _total_var(x, state)
     recon = _recon_loss(x, x_hat, total_var)
     l0 = _Step.apply(pre, t, cfg.jumprelu_bandwidth).sum(1).mean()
     loss = recon + cfg.l0_coeff * l0

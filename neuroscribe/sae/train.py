@@ -22,6 +22,7 @@ import torch
 
 from neuroscribe.errors import UserError
 from neuroscribe.runs import atomic_path, opt, write_json
+from neuroscribe.sae.dist import Comm, check_in_sync, stepper
 from neuroscribe.sae.losses import STEPS
 from neuroscribe.sae.model import Sae, SaeConfig, fvu, l0_of
 
@@ -34,7 +35,7 @@ class TrainSaeConfig(SaeConfig):
     """How to train it."""
 
     lr: float = opt(0.0, "Adam learning rate; 0 = 2e-4 / sqrt(n_latents / 16384), as sparsify")
-    batch_size: int = opt(4096, "tokens per step")
+    batch_size: int = opt(4096, "tokens per step (per process under torchrun)")
     l1_coeff: float = opt(1.0, "relu: L1 penalty on latents (x sqrt(d_in) scaled inputs)")
     l0_coeff: float = opt(0.01, "jumprelu: L0 penalty")
     jumprelu_bandwidth: float = opt(0.05, "jumprelu: straight-through kernel width "
@@ -46,7 +47,9 @@ class TrainSaeConfig(SaeConfig):
     checkpoint_every: int = opt(500, "steps between checkpoints (when saving)")
     log_every: int = opt(50, "steps between metric log entries")
     seed: int = opt(0, "seed of the initialisation")
-    device: str = opt("cpu", "torch device")
+    device: str = opt("cpu", "torch device (under torchrun, cuda means cuda:LOCAL_RANK)")
+    dtype: str = opt("float32", "precision of the big matmuls; bfloat16 keeps fp32 master "
+                     "weights and Adam state", choices=("float32", "bfloat16"))
 
 
 @dataclass
@@ -179,13 +182,30 @@ def _fold_scale(sae: Sae, scale: float) -> Sae:
     return raw.eval()
 
 
+def _log_entry(state: _State, res: Any, cfg: TrainSaeConfig, comm: Comm) -> dict[str, Any]:
+    """The step's metrics; under DDP each is the mean over ranks (the global batch's)."""
+    names = ["loss", "l0", *res.parts]
+    values = comm.mean_floats([float(res.loss.detach()), res.l0, *res.parts.values()],
+                              cfg.device)
+    dead = float((state.since_fired >= cfg.dead_tokens).float().mean())
+    mean = dict(zip(names, values))
+    return {"step": state.step, "tokens": state.tokens, "loss": mean.pop("loss"),
+            "l0": mean.pop("l0"), "dead_fraction": dead, **mean}
+
+
 def train_sae(cfg: TrainSaeConfig, batches: Iterable[Any], d_in: int = 0,
               out: Path | None = None, resume: bool = False, total_steps: int | None = None,
-              on_log: Any = None) -> tuple[Sae, dict[str, Any]]:
+              on_log: Any = None, comm: Comm | None = None) -> tuple[Sae, dict[str, Any]]:
     """Train on ``batches``; with ``out``, save checkpoints and the final ``cfg.json`` +
     ``sae.safetensors`` + ``metrics.json``. Returns the SAE (reading raw activations) and the
-    metrics. On resume, ``batches`` must start where the checkpoint stopped."""
+    metrics. On resume, ``batches`` must start where the checkpoint stopped.
+
+    Under a torch.distributed group (``comm``, by default the initialised one), every rank
+    passes the same global batches and trains on its share of each (``dist.py``); rank 0
+    writes the files, all ranks read the checkpoint on resume."""
     from tqdm import tqdm
+
+    comm = comm or Comm.current()
 
     cfg.d_in = cfg.d_in or d_in
     sae_cfg = SaeConfig(**{k: getattr(cfg, k) for k in SaeConfig.__dataclass_fields__})
@@ -204,27 +224,33 @@ def train_sae(cfg: TrainSaeConfig, batches: Iterable[Any], d_in: int = 0,
         sae.load_state_dict(ck["sae"])
         optim.load_state_dict(ck["optim"])
         state = _State(**ck["state"])
-    step_fn = STEPS[cfg.architecture]
+    step = stepper(sae, STEPS[cfg.architecture], cfg, comm)
+    writes = out is not None and comm.rank == 0
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     t0, last_good = time.perf_counter(), state.step
     bar = tqdm(total=total_steps, initial=state.step, unit="step", desc=f"sae {cfg.architecture}",
-               disable=None)
+               disable=None if comm.rank == 0 else True)
     if state.gen_state is not None:
         gen.set_state(state.gen_state)
     for batch in batches:
-        x = batch.to(cfg.device, torch.float32)
-        if x.shape[-1] != cfg.d_in:
-            raise UserError(f"activations have width {x.shape[-1]}, the SAE expects d_in="
+        xg = batch.to(cfg.device, torch.float32)  # the global batch (all ranks')
+        if xg.shape[-1] != cfg.d_in:
+            raise UserError(f"activations have width {xg.shape[-1]}, the SAE expects d_in="
                             f"{cfg.d_in}")
         if state.step == 0 and not resume:
-            state.scale = float(math.sqrt(cfg.d_in / x.pow(2).sum(1).mean().clamp_min(1e-12)))
-            init_sae(sae, x * state.scale, cfg.seed)
+            state.scale = float(math.sqrt(cfg.d_in / xg.pow(2).sum(1).mean().clamp_min(1e-12)))
+            init_sae(sae, xg * state.scale, cfg.seed)
             state.since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=cfg.device)
             state.window_fired = torch.zeros(cfg.n_latents, dtype=torch.bool, device=cfg.device)
-        x = x * state.scale
+        xg = xg * state.scale
+        x = comm.shard(xg)
         run = {"step": state.step, "dead": state.since_fired >= cfg.dead_tokens}
-        res = step_fn(sae, x, run, cfg)
-        if not torch.isfinite(res.loss):
+        if comm.active:
+            run["comm"] = comm
+            run["total_var"] = (xg - xg.mean(0)).pow(2).sum().clamp_min(1e-12) / comm.world
+        res = step(x, run)
+        fired, bad = comm.fired_and_bad(res.fired, res.loss)
+        if bad:
             bar.close()
             where = f"; the last good checkpoint (step {last_good}) is in {out}" if out else ""
             raise UserError(f"loss is {float(res.loss.detach())} at step {state.step}: training "
@@ -234,27 +260,28 @@ def train_sae(cfg: TrainSaeConfig, batches: Iterable[Any], d_in: int = 0,
         sae.remove_parallel_grads()
         optim.step()
         sae.normalize_decoder()
-        state.since_fired += x.shape[0]
-        state.since_fired[res.fired] = 0
-        state.window_fired |= res.fired
+        state.since_fired += xg.shape[0]
+        state.since_fired[fired] = 0
+        state.window_fired |= fired
         state.step += 1
-        state.tokens += x.shape[0]
+        state.tokens += xg.shape[0]
         if cfg.resample_every and state.step % cfg.resample_every == 0:
-            n = resample_dead(sae, optim, x, res.x_hat, ~state.window_fired, gen)
+            x_hat = comm.gather(res.x_hat)  # the global batch's, so every rank picks alike
+            n = resample_dead(sae, optim, xg, x_hat, ~state.window_fired, gen)
             log.info("step %d: resampled %d dead latents", state.step, n)
             state.window_fired.zero_()
         bar.update(1)
         if state.step % cfg.log_every == 0 or state.step == 1:
-            entry = {"step": state.step, "tokens": state.tokens, "loss": float(res.loss.detach()),
-                     "l0": res.l0, "dead_fraction": float((state.since_fired >= cfg.dead_tokens)
-                                                          .float().mean()), **res.parts}
+            entry = _log_entry(state, res, cfg, comm)
             state.history.append(entry)
-            bar.set_postfix(fvu=f"{res.parts['fvu']:.3f}", l0=f"{res.l0:.1f}")
+            bar.set_postfix(fvu=f"{entry['fvu']:.3f}", l0=f"{entry['l0']:.1f}")
             if on_log:
                 on_log(entry)
-        if out is not None and state.step % cfg.checkpoint_every == 0:
-            state.gen_state = gen.get_state()
-            save_checkpoint(out, sae, optim, state, cfg)
+        if state.step % cfg.checkpoint_every == 0:
+            check_in_sync(sae, optim, comm)
+            if writes:
+                state.gen_state = gen.get_state()
+                save_checkpoint(out, sae, optim, state, cfg)
             last_good = state.step
     bar.close()
     if state.step == 0:
@@ -265,7 +292,8 @@ def train_sae(cfg: TrainSaeConfig, batches: Iterable[Any], d_in: int = 0,
                "input_scale": state.scale, "history": state.history,
                "dead_fraction": float((state.since_fired >= cfg.dead_tokens).float().mean()),
                "dead_fraction_rule": f"no activation in the last {cfg.dead_tokens} tokens"}
-    if out is not None:
+    check_in_sync(sae, optim, comm)
+    if writes:
         state.gen_state = gen.get_state()
         save_checkpoint(out, sae, optim, state, cfg)
         raw.save(out, train=asdict(cfg))
