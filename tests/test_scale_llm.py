@@ -157,6 +157,19 @@ def test_shards_share_one_folder_and_match_the_whole(explained_run: Path,
     assert index.execute("SELECT count(DISTINCT unit) FROM scores").fetchone()[0] == UNITS
 
 
+def test_explain_shards_add_up_to_the_whole(explained_run: Path, tmp_path: Path) -> None:
+    run = copy_run(explained_run, tmp_path / "run")
+    shutil.rmtree(run / "explanations")
+    (run / "explain.json").unlink()
+    for i in range(2):
+        assert cli.main(["explain", str(run), "--units", f"first:{UNITS}", "--shard",
+                         f"{i}/2"]) == 0
+        mine = {int(p.stem) for p in (run / "explanations").rglob("*.json")}
+        assert {u for u in range(UNITS) if in_shard(HP, u, (i, 2))} <= mine
+        assert len(mine) < UNITS or i == 1
+    assert tree(run, "explanations") == tree(explained_run, "explanations")
+
+
 def test_resume_after_changing_concurrency_or_endpoints(explained_run: Path,
                                                         tmp_path: Path) -> None:
     run = copy_run(explained_run, tmp_path / "run")
