@@ -14,9 +14,18 @@ from typing import Any
 from neuroscribe.errors import UserError
 from neuroscribe.explain.core import ExplainConfig, explain
 from neuroscribe.formats import NeuronSimulationResults, ScoredExplanation, dumps
-from neuroscribe.llm.client import LLMError, usage_of
+from neuroscribe.llm.client import LLMError, concurrency_of, usage_of
 from neuroscribe.record.core import RecordConfig, RecordStore, record
-from neuroscribe.runs import atomic_write_text, claim_stage, opt, save_stage, write_json
+from neuroscribe.runs import (
+    SHARD_HELP,
+    atomic_write_text,
+    claim_stage,
+    in_shard,
+    opt,
+    parse_shard,
+    save_stage,
+    write_json,
+)
 from neuroscribe.score.classify import (
     ClassifyConfig,
     Scorer,
@@ -37,6 +46,7 @@ class ScoreConfig(ClassifyConfig):
 
     n_per_split: int = opt(0, "records per split (0: all recorded, split evenly)")
     calibrate: bool = opt(True, "fit a linear calibration on the calibration split (OpenAI)")
+    shard: str = opt("0/1", SHARD_HELP, scope=True)
 
 
 def score_path(run_dir: Path, hookpoint: str, unit: int, kind: str = "") -> Path:
@@ -150,6 +160,7 @@ def score(cfg: ScoreConfig, run_dir: Path, resume: bool = False,
     from neuroscribe.results import index_run, summarize
 
     store = RecordStore(run_dir)
+    parse_shard(cfg.shard)  # a bad --shard fails before anything is written
     claim_stage(run_dir, "score", cfg, resume)
     sim = sim or make_simulator(cfg)
     scorers = make_scorers(cfg, getattr(sim, "client", None))
@@ -171,40 +182,56 @@ def score(cfg: ScoreConfig, run_dir: Path, resume: bool = False,
 async def _score_units(cfg: ScoreConfig, run_dir: Path, store: RecordStore, sim: Simulator,
                        scorers: dict[str, Scorer], todo: list[Path],
                        resume: bool) -> dict[str, int]:
-    """Units one after another on one event loop (a unit's simulations run concurrently)."""
+    """Units of this shard concurrently on one event loop, at most ``--concurrency`` at once
+    (a unit's simulations run concurrently too). Each unit writes only its own files, so the
+    outputs do not depend on the order units finish in."""
     from tqdm import tqdm
 
-    scored = skipped = failed = 0
-    for path in tqdm(todo, desc="score", unit="unit", disable=None):
-        entry = json.loads(path.read_text())
-        hp, unit = entry["hookpoint"], entry["unit"]
-        out = score_path(run_dir, hp, unit)
-        if "explanation" not in entry or (resume and out.exists()):
-            skipped += 1
-            continue
-        nr = store.neuron_record(hp, unit)
-        candidates = entry.get("candidates") or [entry["explanation"]]
-        res = await score_unit(sim, candidates, nr, cfg)
-        detail = {"hookpoint": hp, "unit": unit, "simulator": cfg.simulator,
-                  "explanation": res.get("explanation"), "candidates": res.get("candidates"),
-                  "calibration": res.get("calibration"), "scores": res.get("scores", {})}
-        if (program_of := getattr(sim, "program_of", None)) is not None:
-            detail["program"] = program_of(res.get("explanation") or candidates[0])
-        if "failure" in res:
-            write_json(score_path(run_dir, hp, unit, "scores"),
-                       {**detail, "failure": res["failure"]})
-            failed += 1
-            continue
-        if scorers:
-            detail["classification"] = await classify_unit(scorers, res["explanation"], nr,
-                                                           cfg.n_per_split or None)
-        write_json(score_path(run_dir, hp, unit, "scores"), detail)
-        atomic_write_text(out, dumps(NeuronSimulationResults(
-            neuron_id=nr.neuron_id,
-            scored_explanations=[ScoredExplanation(res["explanation"],
-                                                   res["scored_simulation"])])))
-        scored += 1
-    return {"scored": scored, "skipped": skipped, "failed": failed}
+    shard = parse_shard(cfg.shard)
+    entries = [e for e in (json.loads(p.read_text()) for p in todo)
+               if in_shard(e["hookpoint"], e["unit"], shard)]
+    in_flight = asyncio.Semaphore(concurrency_of(cfg))
+    bar = tqdm(total=len(entries), desc="score", unit="unit", disable=None)
+
+    async def one(entry: dict[str, Any]) -> str:
+        async with in_flight:
+            outcome = await _score_one(cfg, run_dir, store, sim, scorers, entry, resume)
+        bar.update()
+        return outcome
+
+    try:
+        outcomes = await asyncio.gather(*[one(e) for e in entries])
+    finally:
+        bar.close()
+    return {k: outcomes.count(k) for k in ("scored", "skipped", "failed")}
+
+
+async def _score_one(cfg: ScoreConfig, run_dir: Path, store: RecordStore, sim: Simulator,
+                     scorers: dict[str, Scorer], entry: dict[str, Any], resume: bool) -> str:
+    """Score one explained unit and write its files: "scored", "skipped" or "failed"."""
+    hp, unit = entry["hookpoint"], entry["unit"]
+    out = score_path(run_dir, hp, unit)
+    if "explanation" not in entry or (resume and out.exists()):
+        return "skipped"
+    nr = store.neuron_record(hp, unit)
+    candidates = entry.get("candidates") or [entry["explanation"]]
+    res = await score_unit(sim, candidates, nr, cfg)
+    detail = {"hookpoint": hp, "unit": unit, "simulator": cfg.simulator,
+              "explanation": res.get("explanation"), "candidates": res.get("candidates"),
+              "calibration": res.get("calibration"), "scores": res.get("scores", {})}
+    if (program_of := getattr(sim, "program_of", None)) is not None:
+        detail["program"] = program_of(res.get("explanation") or candidates[0])
+    if "failure" in res:
+        write_json(score_path(run_dir, hp, unit, "scores"), {**detail, "failure": res["failure"]})
+        return "failed"
+    if scorers:
+        detail["classification"] = await classify_unit(scorers, res["explanation"], nr,
+                                                       cfg.n_per_split or None)
+    write_json(score_path(run_dir, hp, unit, "scores"), detail)
+    atomic_write_text(out, dumps(NeuronSimulationResults(
+        neuron_id=nr.neuron_id,
+        scored_explanations=[ScoredExplanation(res["explanation"], res["scored_simulation"])])))
+    return "scored"
 
 
 def run(rc: RecordConfig, ec: ExplainConfig, sc: ScoreConfig, run_dir: Path,

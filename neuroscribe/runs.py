@@ -7,6 +7,7 @@ Every stage writes plain files under one run folder and saves the config that ma
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -21,9 +22,27 @@ from neuroscribe.errors import UserError
 T = TypeVar("T")
 
 
-def opt(default: Any, help: str, **kw: Any) -> Any:
-    """A config field documented for ``--help``: the doc lives next to the default."""
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
+def opt(default: Any, help: str, identity: bool = True, scope: bool = False,
+        **kw: Any) -> Any:
+    """A config field documented for ``--help``: the doc lives next to the default.
+
+    ``identity=False``: the field does not change results (concurrency, endpoints, timeouts),
+    so a run folder accepts any value of it. ``scope=True``: the field picks which units this
+    process works on (``--units``, ``--shard``); it is not part of the identity either, and
+    another scope adds its units to a finished stage without ``--resume``.
+    """
+    meta = {"help": help, **kw}
+    if not identity or scope:
+        meta["identity"] = False
+    if scope:
+        meta["scope"] = True
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def identity(config: Any) -> dict[str, Any]:
+    """The fields of ``config`` that decide its results: what two runs must agree on."""
+    skip = {f.name for f in dataclasses.fields(config) if f.metadata.get("identity") is False}
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -81,23 +100,29 @@ def claim_stage(run_dir: Path, stage: str, config: Any, resume: bool) -> bool:
 
     Returns True when this stage already completed with the same config (so ``--resume`` can
     skip it). A folder holding a different run is refused, whatever ``--resume`` says.
+    Only identity fields are compared (see ``opt``): a resume may change the concurrency or
+    the endpoints, and several processes may share the folder with other ``--units`` or
+    ``--shard``s. A finished stage is refused without ``--resume`` only for the same scope.
     """
     path = run_dir / f"{stage}.json"
-    want = dataclasses.asdict(config)
+    want = identity(config)
     if path.exists():
         have = json.loads(path.read_text())
-        diff = sorted(k for k in set(want) | set(have.get("config", {}))
-                      if have.get("config", {}).get(k) != want.get(k))
+        there = have.get("config", {})
+        loose = {f.name for f in dataclasses.fields(config)} - set(want)
+        diff = sorted(k for k in (set(want) | set(there)) - loose if there.get(k) != want.get(k))
         if diff:
             k = diff[0]
             raise UserError(
                 f"{run_dir} already holds a different run ({stage} {k}: "
-                f"{have.get('config', {}).get(k)!r} there, {want.get(k)!r} now); "
+                f"{there.get(k)!r} there, {want.get(k)!r} now); "
                 "use a new --out folder"
             )
-        if not resume and have.get("complete"):
+        same_scope = all(there.get(f.name, f.default) == getattr(config, f.name)
+                         for f in dataclasses.fields(config) if f.metadata.get("scope"))
+        if not resume and have.get("complete") and same_scope:
             raise UserError(f"{run_dir} already holds this {stage} stage; --resume reuses it")
-        return bool(have.get("complete"))
+        return bool(have.get("complete")) and same_scope
     return False
 
 
@@ -140,3 +165,30 @@ def parse_units(spec: str, n_units: int) -> list[int]:
     if bad:
         raise UserError(f"unit {bad[0]} out of range: the hookpoint has {n_units} units")
     return units
+
+
+SHARD_HELP = ("i/n: work only on the units whose stable hash falls in shard i of n (0 <= i "
+              "< n), so n processes or machines share the units of one run folder")
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``i/n`` (0 <= i < n): this process takes the units whose hash falls in shard i."""
+    i, sep, n = spec.strip().partition("/")
+    try:
+        shard = (int(i), int(n))
+    except ValueError:
+        shard = (-1, 0)
+    if not sep or not 0 <= shard[0] < shard[1]:
+        raise UserError(f"--shard {spec!r} not understood: use i/n with 0 <= i < n, e.g. 0/2 "
+                        "and 1/2 on two machines")
+    return shard
+
+
+def in_shard(hookpoint: str, unit: int, shard: tuple[int, int]) -> bool:
+    """Whether ``hookpoint/unit`` belongs to ``shard``: by sha256, so the split is the same on
+    every machine and Python version, and a unit's shard does not depend on the others."""
+    i, n = shard
+    if n == 1:
+        return True
+    h = int.from_bytes(hashlib.sha256(f"{hookpoint}/{unit}".encode()).digest()[:8], "big")
+    return h % n == i

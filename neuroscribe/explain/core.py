@@ -21,7 +21,16 @@ from neuroscribe.errors import UserError
 from neuroscribe.formats import SPLITS_RANDOM, ActivationRecord
 from neuroscribe.llm.client import LLMConfig, usage_of
 from neuroscribe.registry import Registry
-from neuroscribe.runs import claim_stage, opt, parse_units, save_stage, write_json
+from neuroscribe.runs import (
+    SHARD_HELP,
+    claim_stage,
+    in_shard,
+    opt,
+    parse_shard,
+    parse_units,
+    save_stage,
+    write_json,
+)
 from neuroscribe.score.core import NORMALIZATIONS, max_activation, normalize_activations
 
 log = logging.getLogger("neuroscribe")
@@ -42,7 +51,8 @@ class ExplainConfig(LLMConfig):
                          "marked tokens' kind; facts appended) or contrastive (highlight "
                          "plus silent excerpts)")
     units: str = opt("first:100", "units to explain per hookpoint: all, first:N, "
-                     "random:N[:SEED], or ranges like 0-49,100")
+                     "random:N[:SEED], or ranges like 0-49,100", scope=True)
+    shard: str = opt("0/1", SHARD_HELP, scope=True)
     normalization: str = opt("floor", "activation normalisation to 0-10: floor (OpenAI) or "
                              "ceil (delphi)", choices=NORMALIZATIONS)
     active_level: int = opt(5, "normalised level (0-10) at which a token counts as active "
@@ -169,9 +179,11 @@ def explain(cfg: ExplainConfig, run_dir: Path, resume: bool = False,
     store = RecordStore(run_dir)
     if cfg.normalization not in NORMALIZATIONS:
         raise UserError(f"--normalization must be one of {NORMALIZATIONS}")
+    shard = parse_shard(cfg.shard)
     claim_stage(run_dir, "explain", cfg, resume)
     explainer = explainer or make_explainer(cfg)
-    todo = [(hp, u) for hp in store.hookpoints for u in parse_units(cfg.units, store.units[hp])]
+    todo = [(hp, u) for hp in store.hookpoints for u in parse_units(cfg.units, store.units[hp])
+            if in_shard(hp, u, shard)]
     # Saved before the first unit, so an interrupted stage still guards its config.
     save_stage(run_dir, "explain", cfg, complete=False)
     outcomes = asyncio.run(_explain_units(cfg, run_dir, store, explainer, todo, resume))

@@ -1,8 +1,7 @@
 """LLM backends: each turns one ``Request`` into one ``Response`` and nothing more.
 
-Transient failures raise ``Retryable``; the ``Client`` in ``llm.py`` retries, caches and counts.
-Heavy libraries (llama_cpp, httpx, transformers) are imported only by the backend that needs
-them.
+Transient failures raise ``Retryable``; the ``Client`` (client.py) retries, caches and counts.
+Heavy libraries (llama_cpp, httpx) are imported only by the backend that needs them.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from neuroscribe.llm.client import (
     Response,
     Retryable,
 )
+from neuroscribe.llm.endpoints import Endpoints, split_urls
 
 QWEN_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 QWEN_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
@@ -198,29 +198,47 @@ class _HTTPBackend:
             raise UserError("HTTP providers need httpx: pip install httpx") from e
         self.httpx = httpx
         self.model = cfg.llm_model
-        self.base = (cfg.base_url or self.default_url).rstrip("/")
+        self.pool = Endpoints(split_urls(cfg.base_url or self.default_url))
         self.key_env = cfg.api_key_env
         self.key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
         self.timeout = cfg.timeout
-        self._client: Any = None
+        self._client: Any = None  # an httpx.AsyncClient, made in (and bound to) an event loop
         self._loop: Any = None
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"} if self.key else {}
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        httpx = self.httpx
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:  # its pool is bound to one loop
-            self._client, self._loop = httpx.AsyncClient(timeout=self.timeout), loop
+            self._client, self._loop = self.httpx.AsyncClient(timeout=self.timeout), loop
+        key = hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        ep = await self.pool.acquire(key)
+        healthy: bool | None = False  # until an answer comes: cancelled by a timeout, too
         try:
-            r = await self._client.post(self.base + path, json=body, headers=self._headers())
+            data, healthy = await self._post_to(ep.url + path, body), True
+        except Retryable as e:  # a 429 is busy, not broken
+            healthy = None if str(e) == "HTTP 429" else False
+            if len(self.pool) > 1:
+                raise Retryable(f"{ep.url}: {e}") from e
+            raise
+        except LLMError:
+            healthy = True  # it answered: the request is at fault, not the endpoint
+            raise
+        finally:
+            self.pool.release(ep, healthy, key)
+        return data
+
+    async def _post_to(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        httpx = self.httpx
+        try:
+            r = await self._client.post(url, json=body, headers=self._headers())
         except (httpx.TimeoutException, httpx.TransportError) as e:
             raise Retryable(f"{type(e).__name__}: {e}") from e
         if r.status_code == 429 or r.status_code >= 500:
             raise Retryable(f"HTTP {r.status_code}")
         if r.status_code in SETUP_ERRORS:
-            raise LLMSetupError(f"{self.base}{path} answered HTTP {r.status_code}: "
+            raise LLMSetupError(f"{url} answered HTTP {r.status_code}: "
                                 f"{SETUP_ERRORS[r.status_code].format(self=self)} "
                                 f"({' '.join(r.text[:160].split())})")
         if r.status_code >= 400:

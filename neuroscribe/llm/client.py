@@ -38,20 +38,28 @@ class LLMConfig:
     llm_model: str = opt("", "model: for llamacpp a .gguf path, 'qwen2.5-coder-1.5b' (the "
                          "default) or 'smollm2'; for HTTP providers the served model name "
                          "(required); for hf a folder or hub id (required)")
-    base_url: str = opt("", "HTTP base URL, e.g. http://127.0.0.1:8000/v1 (default: the "
-                        "provider's public API)")
+    base_url: str = opt("", "HTTP base URL, e.g. http://127.0.0.1:8000/v1, or several "
+                        "separated by commas (each request goes to the least busy; one that "
+                        "keeps failing is left out for a while) (default: the provider's "
+                        "public API)", identity=False)
     api_key_env: str = opt("", "environment variable that holds the API key (default: "
-                           "OPENAI_API_KEY for openai, ANTHROPIC_API_KEY for anthropic)")
-    concurrency: int = opt(0, "LLM requests in flight at once (0: 1 for the in-process "
-                           "llamacpp and hf backends, 8 for HTTP providers)")
-    retries: int = opt(5, "retries on 429, 5xx, timeouts and malformed replies")
+                           "OPENAI_API_KEY for openai, ANTHROPIC_API_KEY for anthropic)",
+                           identity=False)
+    concurrency: int = opt(0, "LLM requests in flight at once, and units the score stage "
+                           "works on at once (0: 1 for the in-process llamacpp and hf "
+                           "backends, 8 for HTTP providers)", identity=False)
+    retries: int = opt(5, "retries on 429, 5xx, timeouts and malformed replies",
+                       identity=False)
     timeout: float = opt(120.0, "seconds before an HTTP request is abandoned and retried "
                          "(in-process llamacpp and hf calls cannot be stopped: they run to "
-                         "the end, however long a CPU takes)")
-    cache_dir: str = opt("", "response cache folder (default: ~/.cache/neuroscribe/llm)")
+                         "the end, however long a CPU takes)", identity=False)
+    cache_dir: str = opt("", "response cache folder (default: ~/.cache/neuroscribe/llm)",
+                         identity=False)
     n_ctx: int = opt(4096, "context size of a local llamacpp model")
-    price_in: float = opt(0.0, "USD per million prompt tokens, for cost accounting")
-    price_out: float = opt(0.0, "USD per million completion tokens, for cost accounting")
+    price_in: float = opt(0.0, "USD per million prompt tokens, for cost accounting",
+                          identity=False)
+    price_out: float = opt(0.0, "USD per million completion tokens, for cost accounting",
+                           identity=False)
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,12 @@ PROVIDERS = {
 HTTP_CONCURRENCY = 8
 
 
+def concurrency_of(cfg: LLMConfig) -> int:
+    """``--concurrency``, or the provider's default when it is 0."""
+    p = PROVIDERS.get(cfg.provider)
+    return cfg.concurrency or (1 if p is None or p.in_process else HTTP_CONCURRENCY)
+
+
 def resolve(cfg: LLMConfig) -> LLMConfig:
     """``cfg`` with the provider's defaults filled in; a provider that needs a model and got
     none is an error."""
@@ -85,7 +99,7 @@ def resolve(cfg: LLMConfig) -> LLMConfig:
                            "serves)" if not p.in_process else "a local folder or a hub id"))
     return dataclasses.replace(
         cfg, llm_model=model, api_key_env=cfg.api_key_env or p.key_env,
-        concurrency=cfg.concurrency or (1 if p.in_process else HTTP_CONCURRENCY))
+        concurrency=concurrency_of(cfg))
 
 
 class LLMSetupError(UserError):
@@ -155,24 +169,37 @@ class Backend(Protocol):
 
 
 class ResponseCache:
-    """A SQLite table of responses keyed by (provider, model, request); safe across threads."""
+    """A SQLite table of responses keyed by (provider, model, request); safe across threads
+    and processes: WAL lets readers run beside a writer, and a writer waits up to
+    ``busy_timeout`` seconds for another. A cache that stays locked longer costs a miss or an
+    unsaved reply (logged), never a failed request."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout: float = 60.0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                  timeout=busy_timeout)
+        self.db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, value TEXT)")
         self.lock = threading.Lock()
 
     def get(self, key: str) -> Response | None:
-        with self.lock:
-            row = self.db.execute("SELECT value FROM responses WHERE key=?", (key,)).fetchone()
+        try:
+            with self.lock:
+                row = self.db.execute("SELECT value FROM responses WHERE key=?",
+                                      (key,)).fetchone()
+        except sqlite3.OperationalError as e:  # locked past busy_timeout: ask the LLM
+            log.warning("response cache unreadable (%s): a miss", e)
+            return None
         return None if row is None else Response(**{**json.loads(row[0]), "cached": True})
 
     def put(self, key: str, resp: Response) -> None:
         value = json.dumps({k: v for k, v in dataclasses.asdict(resp).items() if k != "cached"})
-        with self.lock:
-            self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, value))
+        try:
+            with self.lock:
+                self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, value))
+        except sqlite3.OperationalError as e:  # the reply is still good: keep it, uncached
+            log.warning("response cache not written (%s)", e)
 
 
 @dataclass
