@@ -59,7 +59,7 @@ class RecordConfig:
                               "shards")
     checkpoint_seconds: float = opt(300.0, "save a checkpoint for --resume at the end of a "
                                     "shard at most this often (0: every shard; -1: never; SAE "
-                                    "hookpoints: never)")
+                                    "hookpoints: never)", identity=False)
 
 
 def store_path(run_dir: Path, hookpoint: str) -> Path:
