@@ -1,5 +1,6 @@
 """Benchmark: scaling out. Record tokens/s with 1 and 2 processes (torchrun, gloo), and
-explain+score units per minute with 1, 2 and 3 local LLM servers (``scale_llm.py``).
+explain+score units per minute with 1, 2 and 3 local LLM servers (``scale_llm.py``, also
+run alone: ``bench/results/scale-llm.json``).
 
 Each record run is the real command (``python -m neuroscribe record`` or ``torchrun
 --nproc-per-node N -m neuroscribe record``) on the same corpus, model and hookpoint, into a
@@ -84,11 +85,12 @@ def main() -> None:
                     "loadavg_after": loadavg()},
         "command": "python bench/scale.py " + " ".join(sys.argv[1:]),
         "record": rows}
-    if not args.skip_llm:
-        sys.path.insert(0, str(HERE))
-        from scale_llm import measure  # explain+score across 1, 2, 3 local servers
-
-        result["explain_score"] = measure()
+    if not args.skip_llm:  # explain+score across 1, 2, 3 local servers (scale_llm.py)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "scale-llm.json"
+            subprocess.run([sys.executable, str(HERE / "scale_llm.py"), "--run",
+                            str(Path(tmp) / "run"), "--out", str(out)], check=True)
+            result["explain_score"] = json.loads(out.read_text())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
