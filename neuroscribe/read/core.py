@@ -31,11 +31,24 @@ class ReadConfig:
 
 @dataclass
 class UnitInfo:
-    """What a run knows of its units at one hookpoint: thresholds, explanations, scores."""
+    """What a run knows of its units at one hookpoint: thresholds, which units have an
+    explanation file (names only: a file is opened when its unit first fires), and a cache."""
 
+    folder: Path  # explanations/<safe hookpoint>
+    scores_folder: Path
     thresholds: Any  # [units] float tensor
-    explanations: dict[int, str]
-    scores: dict[int, float]
+    explained: set[int]
+    _words: dict[int, tuple[str | None, float | None]]
+
+    def words(self, unit: int) -> tuple[str | None, float | None]:
+        """(explanation, score) of a unit; (None, None) when it has neither."""
+        if unit not in self._words:
+            expl = None
+            if unit in self.explained:
+                expl = json.loads((self.folder / f"{unit}.json").read_text()).get("explanation")
+            score = _score(self.scores_folder / f"{unit}.scores.json") if expl else None
+            self._words[unit] = (None if expl is None else str(expl), score)
+        return self._words[unit]
 
 
 def _score(path: Path) -> float | None:
@@ -47,6 +60,8 @@ def _score(path: Path) -> float | None:
 
 
 def load_unit_info(run_dir: Path, hookpoint: str, quantile: float) -> UnitInfo:
+    import os
+
     from safetensors import safe_open
 
     from neuroscribe.models import safe_name
@@ -58,16 +73,10 @@ def load_unit_info(run_dir: Path, hookpoint: str, quantile: float) -> UnitInfo:
     with safe_open(str(store_path(run_dir, hookpoint)), framework="pt") as f:
         bounds = f.get_tensor("quantile_boundaries")
     thr = bounds[:, QUANTILES.index(quantile)].float().clamp_min(1e-6)
-    explanations, scores = {}, {}
-    safe = safe_name(hookpoint)
-    for p in (run_dir / "explanations" / safe).glob("*.json"):
-        entry = json.loads(p.read_text())
-        if entry.get("explanation"):
-            unit = int(entry["unit"])
-            explanations[unit] = str(entry["explanation"])
-            if (s := _score(run_dir / "scores" / safe / f"{unit}.scores.json")) is not None:
-                scores[unit] = s
-    return UnitInfo(thr, explanations, scores)
+    folder = run_dir / "explanations" / safe_name(hookpoint)
+    names = os.listdir(folder) if folder.is_dir() else []
+    explained = {int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()}
+    return UnitInfo(folder, run_dir / "scores" / safe_name(hookpoint), thr, explained, {})
 
 
 def _firing(acts: Any, info: UnitInfo, all_units: bool) -> tuple[Any, Any, Any]:
@@ -83,7 +92,7 @@ def _firing(acts: Any, info: UnitInfo, all_units: bool) -> tuple[Any, Any, Any]:
     keep = val >= info.thresholds.to(val.device)[unit]
     if not all_units:
         explained = torch.zeros(len(info.thresholds), dtype=torch.bool, device=val.device)
-        explained[list(info.explanations)] = True
+        explained[sorted(info.explained)] = True
         keep &= explained[unit]
     return pos[keep].cpu(), unit[keep].cpu(), val[keep].cpu()
 
@@ -119,10 +128,12 @@ def read_text(run_dir: Path, text: str, cfg: ReadConfig | None = None,
                 pos, unit, val = _firing(acts[hp][0], info, cfg.all_units)
                 thr = info.thresholds[unit]
                 for p, u, v, t in zip(pos.tolist(), unit.tolist(), val.tolist(), thr.tolist()):
+                    words, score = info.words(u)
+                    if words is None and not cfg.all_units:  # a failed explanation
+                        continue
                     hits[start + p].append({
                         "hookpoint": hp, "unit": u, "activation": round(v, 4),
-                        "strength": round(v / t, 3), "explanation": info.explanations.get(u),
-                        "score": info.scores.get(u)})
+                        "strength": round(v / t, 3), "explanation": words, "score": score})
     tokens = [{"token": s, "units": sorted(h, key=lambda d: -d["strength"])[:cfg.top]}
               for s, h in zip(strings, hits)]
     return {"run": str(run_dir), "quantile": cfg.quantile, "tokens": tokens,
