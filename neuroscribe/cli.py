@@ -66,6 +66,14 @@ def _explain(args: argparse.Namespace) -> None:
     print(f"explained {res['explained']} units, {res['failed']} failed -> {args.run}")
 
 
+def _output_tokens(args: argparse.Namespace) -> None:
+    from neuroscribe.record.output_tokens import OutputTokensConfig, write_output_tokens
+
+    paths = write_output_tokens(Path(args.out), config_from(args, OutputTokensConfig))
+    print(f"wrote the output tokens of {len(paths)} hookpoints -> "
+          f"{Path(args.out) / 'output_tokens'}")
+
+
 def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     from neuroscribe.results import format_summary, format_usage
 
@@ -136,17 +144,21 @@ def _stage_configs() -> dict[str, list[type]]:
     from neuroscribe.llm.client import LLMConfig
     from neuroscribe.pipeline import ScoreConfig
     from neuroscribe.record.core import RecordConfig
+    from neuroscribe.record.output_tokens import OutputTokensConfig
     from neuroscribe.sae.acts import ActsConfig
     from neuroscribe.sae.train import TrainSaeConfig
 
     return {"record": [RecordConfig], "explain": [ExplainConfig], "score": [ScoreConfig],
             "run": [RecordConfig, ExplainConfig, ScoreConfig],
-            "puzzles": [PuzzleConfig, LLMConfig], "train-sae": [ActsConfig, TrainSaeConfig]}
+            "puzzles": [PuzzleConfig, LLMConfig], "train-sae": [ActsConfig, TrainSaeConfig],
+            "output-tokens": [OutputTokensConfig]}
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "hookpoints": (_hookpoints, "list a model's hookpoints (its module paths)"),
     "record": (_record, "stream a corpus through a model; keep each unit's exemplars and stats"),
+    "output-tokens": (_output_tokens, "write each unit's top promoted and suppressed tokens "
+                      "(logit lens of its output direction) into a recorded run"),
     "explain": (_explain, "write one explanation per unit from its train records"),
     "score": (_score, "simulate activations from explanations and score them (OpenAI method)"),
     "run": (_run, "record, explain and score in one go"),
@@ -159,7 +171,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
 # with ``set_defaults(func=...)``. Their top level imports only the standard library.
 PLUGINS: list[str] = ["neuroscribe.groundtruth.bench_planted", "neuroscribe.viewer.cli",
                       "neuroscribe.find.cli", "neuroscribe.groundtruth.check_simulator",
-                      "neuroscribe.vision.cli"]
+                      "neuroscribe.vision.cli", "neuroscribe.read.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("run", help="run folder written by 'record'")
         elif name != "puzzles":
             p.add_argument("--out", required=True, help="run folder to write")
-        if name not in ("hookpoints", "puzzles"):
+        if name not in ("hookpoints", "puzzles", "output-tokens"):
             p.add_argument("--resume", action="store_true",
                            help="continue a run in this folder, skipping finished work")
         if name == "run":

@@ -357,7 +357,8 @@ def test_every_subcommand_has_help(command: str | None,
         return
     assert cli.COMMANDS[command][1] in " ".join(out.split())
     wanted = ["--debug", "--verbose"]
-    extra = {"hookpoints": ["--filter"], "puzzles": ["--puzzles", "--out"]}
+    extra = {"hookpoints": ["--filter"], "puzzles": ["--puzzles", "--out"],
+             "output-tokens": ["--out"]}
     wanted += extra.get(command, ["--resume"])
     wanted += ["--out"] if command in ("record", "run") else []
     for cls in cli._stage_configs().get(command, []):

@@ -332,3 +332,20 @@ def test_export_html(tmp_path: Path, viewer_run: Path) -> None:
             assert (page.parent / href).resolve().is_file(), (page, href)
     with pytest.raises(UserError, match="outside the run"):
         export_html(viewer_run, viewer_run / "site", ExportConfig())
+
+
+def test_unit_page_shows_output_tokens(site: Site, viewer_run: Path) -> None:
+    import html as html_mod
+
+    from neuroscribe.record.output_tokens import load_output_tokens
+
+    lens = load_output_tokens(viewer_run, HP0)
+    assert lens is not None  # written at the end of record
+    status, page = get(site, f"/run/viewer-run/unit/{HP0}/3")
+    assert status == 200 and "Output tokens (logit lens)" in page
+    promoted = page.split("promoted: ", 1)[1].split("</p>", 1)[0]
+    titles = [float(t) for t in re.findall(r'title="([^"]+)"', promoted)]
+    assert titles == [v for _, v in lens[3]["promoted"]]
+    shown = [html_mod.unescape(re.sub(r"<[^>]+>", "", s))
+             for s in re.findall(r'<span class="t"[^>]*>(.*?)</span>', promoted)]
+    assert len(shown) == len(lens[3]["promoted"])

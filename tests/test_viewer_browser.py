@@ -179,3 +179,24 @@ def test_static_site_from_disk(page: Any, viewer_run: Path, tmp_path: Path) -> N
 @pytest.fixture(scope="module")
 def viewer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_viewer_run(tmp_path_factory.getbasetemp())
+
+
+def test_read_page_highlights_tokens_and_escapes_hostile_text(page: Any, base_url: str) -> None:
+    text = " ".join(HOSTILE) + ' the cat sat on a mat </textarea><img src=x onerror=alert(5)>'
+    page.goto(f"{base_url}/run/viewer-run/read")
+    page.fill("#readtext", text)
+    page.click("form.readform button")
+    page.wait_for_selector(".readtoks a.t")
+    assert page.locator("#readtext").input_value() == text  # round-trips, as text
+    shown = page.eval_on_selector_all(".readtoks a.t", "els => els.map(e => e.textContent)")
+    assert set(HOSTILE) <= set(shown)  # the tokenizer holds each as one token: exact text
+    counts = page.evaluate("""() => ({img: document.images.length,
+        b: document.querySelectorAll('main b').length,
+        inline: [...document.scripts].filter(s => !s.src).length})""")
+    assert counts == {"img": 0, "b": 0, "inline": 0}
+    i = shown.index(HOSTILE[0])
+    assert not page.locator(f"#tok-{i}").is_visible()
+    page.locator(".readtoks a.t").nth(i).click()  # a click shows that token's units
+    assert page.locator(f"#tok-{i}").is_visible()
+    assert HOSTILE[0] in page.locator(f"#tok-{i} h3").inner_text()
+    assert page.dialogs == []

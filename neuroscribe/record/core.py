@@ -286,6 +286,9 @@ def _finish(cfg: RecordConfig, run_dir: Path, subject: Any, hookpoints: list[str
                             "quantile_bins": stream_seed(cfg.seed, BIN_STREAM)}}
     save_stage(run_dir, "record", cfg, complete=True, **info)
     dist.clear_checkpoints(run_dir)
+    from neuroscribe.record.output_tokens import write_output_tokens
+
+    write_output_tokens(run_dir, subject=subject, strict=False)
     log.info("record: %d tokens in %.1fs (%.0f tok/s, %d rank%s)", n_tok, seconds,
              info["tokens_per_second"], ranks.world, "s" * (ranks.world > 1))
     return info

@@ -404,6 +404,8 @@ def unit_detail(run_dir: Path, row: Any, vocab: list[str]) -> dict[str, Any]:
                          "real": s.get("true_activations") or [],
                          "score": s.get("ev_correlation_score")})
     out["simulations"] = sims
+    lens = (_json(run_dir / "output_tokens" / f"{safe}.json") or {}).get("units") or []
+    out["output_tokens"] = lens[unit] if 0 <= unit < len(lens) else None
     img_dir = run_dir / "images" / safe / str(unit)
     out["images"] = sorted(p.name for p in img_dir.glob("*.png")
                            if re.fullmatch(r"[A-Za-z0-9._-]+\.png", p.name)) \

@@ -329,13 +329,23 @@ def unit_page(nav: Nav, run: str, row: Any, d: dict[str, Any], prev: Any, nxt: A
             + (f'<p class="fail">{e(failure)}</p>' if failure else "")
             + f'<div class="cols"><section><h2>Scores</h2>{_scores_table(d["scores"])}{cls}'
             f"</section><section><h2>Activations</h2>{stats}{hist}</section></div>"
-            f"<h2>Explanations</h2>{cands}"
+            f"<h2>Explanations</h2>{cands}" + _output_tokens(d.get("output_tokens"))
             + (f'<h2>Images</h2><div class="imgs">{imgs}</div>' if imgs else "")
             + f'<h2>Top exemplars</h2>{records_html(d["top"], scale, "top")}'
             f"<h2>Quantile-bin samples</h2>{bins or '<p class=na>none recorded</p>'}"
             f'<h2>Random samples</h2>{records_html(d["random"], scale, "random")}'
             f'<h2>Simulated vs real (valid split)</h2><div class="sims">{sims}</div>')
     return layout(nav, f"{run}: {unit_name(row)}", body, run)
+
+
+def _output_tokens(lens: dict[str, Any] | None) -> str:
+    """The unit's direct effect on the vocabulary (logit lens), if the run has it."""
+    if not lens:
+        return ""
+    side = [" ".join(f'<span class="t" title="{v!r}">{show_token(t)[0]}</span>' for t, v in
+                     lens[k]) for k in ("promoted", "suppressed")]
+    return (f'<h2>Output tokens (logit lens)</h2><p class="otoks">promoted: {side[0]}</p>'
+            f'<p class="otoks">suppressed: {side[1]}</p>')
 
 
 def message_page(nav: Nav, title: str, text: str, run: str = "") -> str:

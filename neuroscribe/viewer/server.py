@@ -277,9 +277,27 @@ def _run_image(site: Site, run: Run, segs: list[str], q: dict[str, str]) -> Resp
     return _file(path)
 
 
+def _run_read(site: Site, run: Run, segs: list[str], q: dict[str, str]) -> Response:
+    from neuroscribe.models import load_subject, safe_name
+    from neuroscribe.read.core import read_text
+    from neuroscribe.runs import load_stage
+    from neuroscribe.viewer.read_page import MAX_CHARS, read_page
+
+    text = q.get("text", "")[:MAX_CHARS]
+    rec = load_stage(run.dir, "record")
+    safe_of = {hp: safe_name(hp) for hp in rec["hookpoints"]}
+    result = None
+    if text.strip():
+        with run.lock:  # one model per run, loaded on the first read
+            if "subject" not in run.__dict__:
+                run.__dict__["subject"] = load_subject(rec["config"]["model"])
+        result = read_text(run.dir, text, subject=run.__dict__["subject"])
+    return _html(read_page(pages.ServerNav(run.name), run.name, text, result, safe_of))
+
+
 RUN_ROUTES: dict[str, Callable[[Site, Run, list[str], dict[str, str]], Response]] = {
     "": _run_index, "unit": _run_unit, "search": _run_search, "api": _run_api,
-    "images": _run_image}
+    "images": _run_image, "read": _run_read}
 
 
 def _run(site: Site, segs: list[str], q: dict[str, str]) -> Response:
