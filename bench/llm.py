@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -170,21 +169,12 @@ def token_table(run_dir: Path, units: list[int], llm: dict[str, Any],
 
 def throughput(run_dir: Path, n_units: int, model: str, levels: list[int]) -> dict[str, Any]:
     """Units per minute of explain + score through a local llama_cpp.server."""
-    import httpx
+    from neuroscribe.llm.local_server import local_servers
 
-    port = 8765
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1",
-           "--port", str(port), "--n_ctx", "4096", "--logits_all", "true", "--verbose", "false"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}/v1"
     out: dict[str, Any] = {}
-    try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"{base}/models", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    with local_servers(model, 1, threads=os.cpu_count() or 1, n_ctx=4096,
+                       logits_all=True) as started:
+        base = started[0][1]
         for c in levels:
             with tempfile.TemporaryDirectory() as tmp:
                 work = Path(tmp) / "run"
@@ -202,9 +192,6 @@ def throughput(run_dir: Path, n_units: int, model: str, levels: list[int]) -> di
                 dt = time.perf_counter() - t0
             out[str(c)] = {"seconds": round(dt, 1), "units_per_minute": round(60 * n_units / dt, 2)}
             print(f"concurrency {c}: {out[str(c)]}", flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
     return out
 
 

@@ -17,12 +17,9 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,37 +30,6 @@ from neuroscribe.pipeline import ScoreConfig, score
 from neuroscribe.record.core import RecordConfig, record
 
 HOOKPOINT = "model.layers.3.mlp.act_fn"
-HOST = "127.0.0.1"
-
-
-@contextmanager
-def servers(n: int, model: str, first_port: int = 8790) -> Iterator[list[str]]:
-    """``n`` llama_cpp.server processes, one thread each; their base URLs."""
-    import httpx
-
-    ports = list(range(first_port, first_port + n))
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", HOST,
-         "--port", str(p), "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1",
-         "--verbose", "false"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for p in ports]
-    urls = [f"http://{HOST}:{p}/v1" for p in ports]
-    try:
-        for url in urls:
-            for _ in range(480):
-                try:
-                    if httpx.get(f"{url}/models", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.25)
-            else:
-                raise RuntimeError(f"llama_cpp.server at {url} did not start")
-        yield urls
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=20)
 
 
 def one_level(run_dir: Path, urls: list[str], n_units: int) -> dict[str, Any]:
@@ -92,6 +58,7 @@ def one_level(run_dir: Path, urls: list[str], n_units: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from neuroscribe.llm.local_server import local_servers
     from neuroscribe.models import default_model_path
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -108,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     model = str(default_model_path())
     levels = []
     for n in (int(x) for x in args.servers.split(",") if x):
-        with servers(n, model) as urls:
-            levels.append(one_level(run_dir, urls, args.units))
+        with local_servers(model, n) as started:  # one thread each
+            levels.append(one_level(run_dir, [url for _, url in started], args.units))
         print(f"{n} server(s): {levels[-1]}", flush=True)
     base = levels[0]["units_per_minute"]
     result = {

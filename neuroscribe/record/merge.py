@@ -27,7 +27,7 @@ def merge_moments(states: list[dict[str, Any]], n_units: int) -> Moments:
         raise ValueError(f"a shard was recorded twice: {sorted(shards)}")
     total = Moments(n_units)
     for _, m in per_shard:
-        total.merge_state(m.numpy() if hasattr(m, "numpy") else m)
+        total.merge_state(m.numpy())
     return total
 
 
