@@ -113,19 +113,37 @@ def bwrap_argv(child: str, env: dict[str, str], ro_binds: Sequence[str] = (),
 
 def pids_cgroup(name: str, max_procs: int) -> Path | None:
     """A pids cgroup limited to ``max_procs`` (root only, cgroup v1 pids controller); None
-    where it cannot be made."""
+    where it cannot be made. Its name starts with this process's pid, so that cgroups left
+    by a killed parent are found (their pid is gone) and another live process's, still
+    empty between ``mkdir`` and its child joining, are left alone."""
     if os.geteuid() != 0 or not (PIDS_ROOT / "cgroup.procs").exists():
         return None
-    path = PIDS_ROOT / "neuroscribe" / name
-    for stale in (PIDS_ROOT / "neuroscribe").glob("neuroscribe-sandbox-*"):
-        with contextlib.suppress(OSError):  # left by a killed parent; a live one is not empty
-            stale.rmdir()
+    path = PIDS_ROOT / "neuroscribe" / f"{os.getpid()}-{name}"
+    for stale in (PIDS_ROOT / "neuroscribe").glob("*"):
+        if stale.is_dir() and not _owner_alive(stale.name):
+            with contextlib.suppress(OSError):  # a cgroup with processes is not removed
+                stale.rmdir()
     try:
         path.mkdir(parents=True, exist_ok=True)
         (path / "pids.max").write_text(str(max_procs))
     except OSError:
         return None
     return path
+
+
+def _owner_alive(cgroup_name: str) -> bool:
+    """Whether the process that made the cgroup ``<pid>-...`` still runs (names in the old
+    form, without a pid, count as stale)."""
+    head = cgroup_name.split("-", 1)[0]
+    if not head.isdigit():
+        return False
+    try:
+        os.kill(int(head), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def remove_cgroup(path: Path | None, wait: float = 5.0) -> None:

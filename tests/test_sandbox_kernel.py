@@ -269,3 +269,27 @@ def test_other_platforms_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
             isolation.check("bwrap")
     finally:
         isolation.bwrap_problem.cache_clear()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not (isolation.PIDS_ROOT / "cgroup.procs").exists(),
+                    reason="pids cgroups need root and cgroup v1's pids controller")
+def test_a_new_cgroup_leaves_another_live_process_s_empty_cgroup_alone() -> None:
+    """Two bench-find processes: B's new worker used to remove A's cgroup while it was
+    still empty (made, child not yet in it), and A's child then failed in preexec_fn."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        mine = isolation.pids_cgroup(f"t-{uuid.uuid4().hex[:8]}", 8)
+        assert mine is not None
+        live = mine.parent / f"{other.pid}-neuroscribe-sandbox-live"
+        dead = mine.parent / "999999999-neuroscribe-sandbox-dead"
+        old = mine.parent / "neuroscribe-sandbox-oldform"
+        for d in (live, dead, old):
+            d.mkdir()
+        again = isolation.pids_cgroup(f"t-{uuid.uuid4().hex[:8]}", 8)
+        assert mine.is_dir() and live.is_dir()  # this process and `other` are alive
+        assert not dead.exists() and not old.exists()  # their makers are gone
+        for d in (mine, live, again):
+            isolation.remove_cgroup(d)
+    finally:
+        other.kill()
+        other.wait()
