@@ -1,5 +1,7 @@
-"""Per-op results of bench-find runs on several seeds, pooled: FIND's success (NMSE < 0.1)
-and the stricter variance-normalised figure, per op and per variant, per agent.
+"""Per-op results of bench-find runs on several seeds, pooled: FIND's success (NMSE < 0.1
+against the clean function, as FIND's mse_indicator.py), the stricter variance-normalised
+figure, and NMSE < 0.1 against the released variant the agent called (noise and corruption
+included; not FIND's), per op and per variant, per agent.
 
     for s in 1 2 3 4 5; do
       python -m neuroscribe bench-find --out runs/fs$s --seed $s --agents offline \\
@@ -45,6 +47,9 @@ def pool(runs: list[Path]) -> dict:
             d = {"n": len(rs), "solved": sum(bool(r["solved"]) for r in rs)}
             if any("nmse_var" in r for r in rs):
                 d["solved_var"] = sum((r.get("nmse_var") or math.inf) < 0.1 for r in rs)
+            if any("nmse_released" in r for r in rs):
+                d["solved_released"] = sum((r.get("nmse_released") or math.inf) < 0.1
+                                           for r in rs)
             out[agent][k] = d
     return {"seeds": seeds, "functions_per_seed": counts, "runs": [str(r) for r in runs],
             "agents": out}
@@ -54,12 +59,12 @@ def table(p: dict) -> str:
     lines = [f"bench-find, seeds {p['seeds']} pooled "
              f"({p.get('functions_per_seed', '?')} results per seed)", ""]
     for agent, groups in p["agents"].items():
-        lines += [f"agent {agent}", f"{'op':<34}{'FIND NMSE<0.1':>16}{'NMSE/var<0.1':>16}"]
+        lines += [f"agent {agent}", f"{'op':<34}{'FIND NMSE<0.1':>16}{'NMSE/var<0.1':>16}"
+                                    f"{'vs released':>16}"]
         for k, d in groups.items():
-            a = f"{d['solved']}/{d['n']} {100 * d['solved'] / d['n']:5.1f}%"
-            b = (f"{d['solved_var']}/{d['n']} {100 * d['solved_var'] / d['n']:5.1f}%"
-                 if "solved_var" in d else "-")
-            lines.append(f"{k:<34}{a:>16}{b:>16}")
+            cells = [f"{d[c]}/{d['n']} {100 * d[c] / d['n']:5.1f}%" if c in d else "-"
+                     for c in ("solved", "solved_var", "solved_released")]
+            lines.append(f"{k:<34}" + "".join(f"{c:>16}" for c in cells))
         lines.append("")
     return "\n".join(lines)
 

@@ -103,6 +103,29 @@ def test_square_wave_is_truncated_to_a_sign_where_finds_writer_truncates_it() ->
     assert sq and all("np.where(x > 0, 1, -1)" in f.code for f in sq)
 
 
+def test_generated_variants_are_scored_against_finds_clean_function_code() -> None:
+    """FIND's mse_indicator.py loads function_code.py: the function without noise or
+    corruption, and a simple square wave in full (its variants keep FIND's one-line form,
+    a sign)."""
+    fns = make_suite(SuiteConfig(n_numeric=200, n_string=0, n_entity=0, puzzles="", seed=7))
+    xs = eval_points()[::8]
+    seen = set()
+    for fn in fns:
+        v, p = fn.params["variant"], fn.params
+        if v == "clean" or (v, p["families"][0]) in seen:
+            continue
+        truth, released = run_in_process(fn, "f_truth", xs), run_in_process(fn, "f", xs)
+        assert np.array_equal(truth, run_in_process(fn, "f_truth", xs), equal_nan=True)
+        assert not np.allclose(truth, released, equal_nan=True), fn.description
+        if p["families"] == ["square_wave"]:
+            period, shift = p["params"][0]
+            want = [1.0 if math.sin((x - shift) * 2 * math.pi / period) > 0 else -1.0
+                    for x in xs]
+            assert truth == want and released != want
+        seen.add((v, p["families"][0]))
+    assert {v for v, _ in seen} == {"noised", "corrupted"}
+
+
 def test_nmse_is_finds_and_skips_points_where_the_truth_is_not_a_number() -> None:
     truth = [0.0, 1.0, 2.0, 3.0]
     assert nmse(truth, truth) == 0
@@ -124,8 +147,9 @@ def test_interval_iou() -> None:
 def test_offline_agent_recovers_a_corrupted_noisy_function() -> None:
     fn = FindFunction("t", "numeric", "cos", "", "", "\n".join([
         "import math, random", "_r = random.Random(0)", "def f_truth(x):",
-        "    if 20 <= x <= 45:", "        return 7.0", "    return 3.0 * math.cos(0.3 * x) - 1.0",
-        "def f(x):", "    return f_truth(x) + _r.gauss(0, 0.1)", ""]), interval=[20.0, 45.0])
+        "    return 3.0 * math.cos(0.3 * x) - 1.0", "def f(x):",
+        "    return (7.0 if 20 <= x <= 45 else f_truth(x)) + _r.gauss(0, 0.1)", ""]),
+        interval=[20.0, 45.0])  # FIND scores against the clean function (function_code.py)
     with Worker(SandboxConfig(timeout=20)) as w:
         ans = asyncio.run(OfflineAgent().solve(BlackBox(fn.code, w), "numeric"))
         ev = Evaluator(FindConfig(), lambda f, xs: run_in_process(f, "f_truth", xs),

@@ -28,6 +28,8 @@ MAIN = ("\nif __name__ == '__main__':\n    outputs = ''\n    for arg in sys.argv
 CORRUPTED = ("def function(x):\n    if type(x) == int or type(x) == float:\n"
              "        x = np.array(x)\n    return np.where(x > 77.7, -9.6 * np.sin((2 * np.pi / "
              "4.5)*(x-0.2)) + 9.8, np.random.normal(loc=9.805,scale=0.1, size=x.shape))\n")
+CLEAN_SIN = ("def function(x):\n\n        return -9.6 * np.sin((2 * np.pi / 4.5)*(x-0.2)) + 9.8"
+             "\n")
 LOG = "def function(x):\n\n        return 2.0*(np.log(x) / np.log(3.0)) + 1.0\n"
 
 
@@ -49,6 +51,10 @@ def find_dir(root: Path) -> Path:
                                                                  "    return 1.0*x + 0.0\n")):
         (root / d).mkdir(parents=True)
         (root / d / "function_code.py").write_text(HEADER + body + MAIN)
+    # as FIND's generator writes a folder: function_code.py is the clean function, and the
+    # variant the agent calls sits beside it (func_name_dict.json names it)
+    (root / "f00000" / "function_code.py").write_text(HEADER + CLEAN_SIN + MAIN)
+    (root / "f00000" / "corrupted_function_code.py").write_text(HEADER + CORRUPTED + MAIN)
     (root / "data.json").write_text(json.dumps(entries[:2]))  # f00002 is not listed
     (root / "func_name_dict.json").write_text(json.dumps(
         {"f00000": "corrupted_function_code.py", "f00001": "function_code.py",
@@ -56,11 +62,11 @@ def find_dir(root: Path) -> Path:
     return root
 
 
-def truth_in_sandbox(fns: list, xs: list[float]) -> list[list]:
+def truth_in_sandbox(fns: list, xs: list[float], entry: str = "f_truth") -> list[list]:
     from neuroscribe.find.report import preloads
 
     with Worker(SandboxConfig(timeout=30), {"NEUROSCRIBE_PRELOAD": preloads(fns)}) as w:
-        return [w.call(f.code, xs, "f_truth").outputs for f in fns]
+        return [w.call(f.code, xs, entry).outputs for f in fns]
 
 
 def test_finds_layout_runs_the_listed_folders_with_category_variant_and_interval(
@@ -71,11 +77,16 @@ def test_finds_layout_runs_the_listed_folders_with_category_variant_and_interval
     assert sin.category == log.category == "numeric" and sin.op == "sin"
     assert sin.params["variant"] == "corrupted" and sin.interval == [-128.0, 77.7]
     assert log.params["variant"] == "clean" and log.interval is None  # clean: no interval
-    ys_sin, ys_log = truth_in_sandbox(fns, [0.5, 80.5, -3.5])
+    xs = [0.5, 80.5, -3.5]
+    ys_sin, ys_log = truth_in_sandbox(fns, xs, "f")  # what the agent calls
     # interval_smaller corrupts x <= 77.7 (FIND's naming): noise around the mean there
     assert ys_sin[1] == pytest.approx(-9.6 * math.sin(2 * math.pi / 4.5 * 80.3) + 9.8)
     assert abs(ys_sin[0] - 9.805) < 0.6 and abs(ys_sin[2] - 9.805) < 0.6
     assert ys_sin[0] != pytest.approx(-9.6 * math.sin(2 * math.pi / 4.5 * 0.3) + 9.8)
+    # what FIND's mse_indicator.py scores against: function_code.py, the clean sine
+    clean = truth_in_sandbox(fns, xs)[0]
+    assert clean == pytest.approx([-9.6 * math.sin(2 * math.pi / 4.5 * (x - 0.2)) + 9.8
+                                   for x in xs])
     assert ys_log[0] == pytest.approx(2 * math.log(0.5) / math.log(3) + 1)
     assert ys_log[2] is None  # log of a negative: NaN, sent back as no value
 
@@ -96,6 +107,29 @@ def test_the_metric_skips_nan_truth_and_scores_like_finds(tmp_path: Path) -> Non
     t = [2 * math.log(x) / math.log(3) + 1 for x in xs]
     want = len(xs) / sum(v * v for v in t)  # FIND: sum of squared errors / sum of squares
     assert ev.score(log, off)["nmse"] == pytest.approx(want, rel=1e-9)
+
+
+def test_a_corrupted_function_is_scored_against_its_clean_function_code(
+        tmp_path: Path) -> None:
+    """FIND's evaluator loads ``function_code.py`` whichever variant the agent called: the
+    clean sine scores 0, and coding the corruption in costs FIND's NMSE."""
+    from neuroscribe.find.agents import Answer
+
+    sin = load_find_dir(find_dir(tmp_path))[0]
+    ev = Evaluator(FindConfig(), lambda f, xs, entry="f_truth": truth_in_sandbox([f], xs,
+                                                                                 entry)[0],
+                   lambda code, xs: run_code(code, xs))
+    body = "-9.6 * math.sin((2 * math.pi / 4.5) * (x - 0.2)) + 9.8"
+    clean = ev.score(sin, Answer("sine", f"import math\ndef f(x):\n    return {body}\n",
+                                 [-128.0, 77.7]))
+    assert clean["solved"] and clean["nmse"] < 1e-12 and clean["iou"] == 1.0
+    assert clean["nmse_released"] > 0.1  # against the corrupted variant it is far off
+    coded = ev.score(sin, Answer("sine, 9.805 below 77.7", "import math\ndef f(x):\n"
+                                 f"    return 9.805 if x <= 77.7 else {body}\n"))
+    xs = eval_points()
+    t = [-9.6 * math.sin(2 * math.pi / 4.5 * (x - 0.2)) + 9.8 for x in xs]
+    want = sum((v - 9.805) ** 2 for x, v in zip(xs, t) if x <= 77.7) / sum(v * v for v in t)
+    assert coded["nmse"] == pytest.approx(want, rel=1e-9) and coded["nmse_released"] < 0.01
 
 
 def test_generated_suite_round_trips_through_finds_layout(tmp_path: Path) -> None:

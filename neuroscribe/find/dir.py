@@ -86,14 +86,27 @@ def _numeric(entry: dict[str, Any], root: Path, folder: Path, variant: str) -> A
         desc += f"; plus {entry.get('noise_type', 'random')} noise of scale 1"
     elif variant == "mlp":
         desc += "; approximated by an MLP"
-    code = f"__file__ = {str(file.resolve())!r}\n{_read(file)}" + NUMERIC_ADAPTER.format(
-        adapter=ADAPTER)
+    code = f"__file__ = {str(file.resolve())!r}\n{_read(file)}" + _truth_code(folder, file) + \
+        NUMERIC_ADAPTER.format(adapter=ADAPTER)
     name = str(entry.get("name", ""))
     op = name.split("(")[0]
     op = f"{op.split(';')[-1]}:{';'.join(op.split(';')[:-1])}" if ";" in op else op
     return FindFunction(folder.name, "numeric", op or "unknown", desc,
                         f"FIND's domain {entry.get('domain')}", code,
                         {"variant": variant, "find_entry": entry}, interval)
+
+
+def _truth_code(folder: Path, file: Path) -> str:
+    """FIND's evaluator scores against the folder's ``function_code.py`` (the clean
+    function) whichever variant the agent called: run it in its own namespace as
+    ``_truth_function``, unchanged."""
+    clean = folder / "function_code.py"
+    if file == clean or not clean.is_file():
+        return ""
+    return (f"\n\n_truth_ns = {{'__file__': {str(clean.resolve())!r}, "
+            "'__name__': 'find_truth'}\n"
+            f"exec(compile({_read(clean)!r}, {str(clean.resolve())!r}, 'exec'), _truth_ns)\n"
+            "_truth_function = _truth_ns['function']\n")
 
 
 def _string(entry: dict[str, Any], root: Path, folder: Path,
@@ -179,11 +192,13 @@ def write_find_dir(fns: list[Any], path: str | Path) -> Path:
     for k, fn in enumerate(f for f in fns if f.category == "numeric" and "name" in f.params):
         d = f"f{k:05d}"
         (root / d).mkdir(parents=True, exist_ok=True)
-        body = fn.code.split("def function(x):", 1)[1].split("\ndef f(x):", 1)[0]
         seed = next(line for line in fn.code.splitlines() if line.startswith("_rs ="))
-        (root / d / "function_code.py").write_text(
-            f"{HEADER}{seed}\n\ndef function(x):{body.rstrip()}\n{MAIN}")
         p = fn.params
+        files = {"function_code.py": _body(fn.code, "_truth_function" if p["variant"] !=
+                                           "clean" else "function")}
+        files[VARIANT_FILES[p["variant"]]] = _body(fn.code, "function")
+        for name, body in files.items():  # FIND's layout: the clean one is function_code.py
+            (root / d / name).write_text(f"{HEADER}{seed}\n\ndef function(x):{body}\n{MAIN}")
         names[d] = VARIANT_FILES[p["variant"]]
         entries.append({"type": "simple" if len(p["families"]) == 1 else p["families"][0],
                         "params": p["params"], "name": p["name"], "dir": d,
@@ -195,3 +210,8 @@ def write_find_dir(fns: list[Any], path: str | Path) -> Path:
     (root / "data.json").write_text(json.dumps(entries, indent=1))
     (root / "func_name_dict.json").write_text(json.dumps(names, indent=1))
     return root
+
+
+def _body(code: str, name: str) -> str:
+    """The body of ``def name(x):`` in a generated function's code."""
+    return code.split(f"def {name}(x):", 1)[1].split("\n\n", 1)[0].rstrip()

@@ -1,10 +1,11 @@
 """FIND's evaluation of agents on the function suite (``bench-find``: ``find/cli.py``).
 
-- numeric: the agent's code on x = i + 0.5, i in [-128, 128), against the function as FIND
-  releases it (corruption and noise included), skipping points where it is not a finite
-  number; solved when FIND's NMSE (squared error over squared truth) < 0.1. Also reported:
-  ``nmse_var`` (normalised by the truth's variance, stricter) and the IoU of the stated
-  corrupted interval;
+- numeric: the agent's code on x = i + 0.5, i in [-128, 128), against the clean function
+  (FIND's ``mse_indicator.py`` loads each folder's ``function_code.py``, whichever variant
+  the agent called), skipping points where it is not a finite number; solved when FIND's
+  NMSE (squared error over squared truth) < 0.1. Also reported: ``nmse_var`` (normalised by
+  the truth's variance, stricter), ``nmse_released`` (against the variant the agent called,
+  corruption and noise included; not FIND's) and the IoU of the stated corrupted interval;
 - string: exact match of outputs on held-out inputs (solved when all match);
 - entity: three-way unit tests (which of three inputs does the description predict to be the
   most selective, judged by sentence embeddings; chance 1/3), solved at >= 80 %;
@@ -110,7 +111,7 @@ def interval_iou(a: list[float] | None, b: list[float] | None,
 class Evaluator:
     """Scores answers; ``truth`` runs a suite function's ``f_truth`` out of process."""
 
-    def __init__(self, cfg: FindConfig, truth: Callable[[Any, list[Any]], list[Any]],
+    def __init__(self, cfg: FindConfig, truth: Callable[..., list[Any]],
                  run_answer: Callable[[str, list[Any]], Any],
                  embed: Callable[[list[str]], Any] | None = None) -> None:
         self.cfg, self.truth, self.run_answer = cfg, truth, run_answer
@@ -145,8 +146,11 @@ class Evaluator:
         if pred is None:
             return {"solved": False, "failure": why, "iou": iou}
         e, ev = nmse(truth, pred), nmse_var(truth, pred)
+        er = e if fn.params.get("variant", "clean") == "clean" else nmse(
+            self.truth(fn, xs, "f"), pred)
         out = {"solved": e < SOLVED_NMSE, "nmse": e if math.isfinite(e) else None,
-               "nmse_var": ev if math.isfinite(ev) else None, "iou": iou, "points": kept}
+               "nmse_var": ev if math.isfinite(ev) else None,
+               "nmse_released": er if math.isfinite(er) else None, "iou": iou, "points": kept}
         if math.isinf(e):
             bad = sum(not _finite(p) for _, p in zip(*kept_points(truth, pred)))
             out["failure"] = f"the answer's code gave no number for {bad} of {kept} inputs"

@@ -238,7 +238,9 @@ def solve_named(x: np.ndarray, y: np.ndarray, ops: list[str], kind: str) -> dict
 
 def numeric_code(result: dict[str, Any], lo_edge: float = -128.0,
                  hi_edge: float = 128.0) -> tuple[str, str, list[float] | None]:
-    """Python code defining ``f``, a description, and the stated interval."""
+    """Python code defining ``f``, a description, and the stated interval. The code is the
+    model everywhere: FIND scores it against the clean function, so a corrupted interval is
+    stated (description and ``interval``), not coded."""
     fit: Fit = result["fit"]
     expr = fit.expression()
     lines = ["import math", "", "def f(x):", "    x = float(x)"]
@@ -249,10 +251,7 @@ def numeric_code(result: dict[str, Any], lo_edge: float = -128.0,
         lo = lo_edge if lo <= lo_edge + 1 else lo
         hi = hi_edge if hi >= hi_edge - 1 else hi
         interval = [lo, hi]
-        cond = " and ".join([*([f"x >= {float(lo)!r}"] if lo > lo_edge else []),  # ends exact
-                             *([f"x <= {float(hi)!r}"] if hi < hi_edge else [])]) or "True"
-        lines += [f"    if {cond}:", f"        return {_f(c)}"]
-        desc += f", except for x in [{lo:g}, {hi:g}] where it is {c:.3g}"
+        desc += f", except for x in [{lo:g}, {hi:g}] where it returns about {c:.3g}"
     lines += ["    try:", f"        return {expr}", "    except (ZeroDivisionError, ValueError):",
               "        return 0.0", ""]
     return "\n".join(lines), desc, interval

@@ -11,9 +11,13 @@ rounded to one decimal. Each released function is one of three variants:
 
 The code written here is FIND's code for the function (numpy, the same expressions and
 quirks), plus ``f``: a float in, a float out (NaN where FIND's function gives no real
-number). The noise comes from a seeded ``RandomState``, so a suite is reproducible. FIND
-scores an answer against the released function itself, corruption and noise included, so
-``f_truth`` is ``f``.
+number). The noise comes from a seeded ``RandomState``, so a suite is reproducible.
+
+FIND's evaluator (``src/evaluate_interpretations/mse_indicator.py``) scores an answer against
+each folder's ``function_code.py``: the clean function, whichever variant the agent called.
+So ``f_truth`` is the clean function, as FIND writes it: a simple family in full (a square
+wave's period and shift included), a compound in FIND's one-line form. An agent that saw a
+noised or corrupted variant is scored against the function without the noise or corruption.
 """
 
 from __future__ import annotations
@@ -111,13 +115,19 @@ def _noise_kind(rng: random.Random) -> str:
 
 
 ADAPTER = """
-def f(x):
-    v = np.asarray(function(float(x))).item()
+def _real(v):
+    v = np.asarray(v).item()
     if isinstance(v, complex):
         return v.real if v.imag == 0 else float("nan")
     return float(v)
 
-f_truth = f
+
+def f(x):
+    return _real(function(float(x)))
+
+
+def f_truth(x):
+    return _real(globals().get("_truth_function", function)(float(x)))
 """
 
 
@@ -161,7 +171,13 @@ def numeric_function(rng: random.Random, i: int, p_corrupt: float, p_noise: floa
         extra = {"noise_type": kind, "noise_params": 1}
     lines = ["import numpy as np", f"_rs = np.random.RandomState({rng.randrange(2**31)})", "",
              "def function(x):", "    x = np.asarray(x, dtype=float)",
-             "    with np.errstate(all='ignore'):", f"        return {body}", ADAPTER]
+             "    with np.errstate(all='ignore'):", f"        return {body}", ""]
+    if variant != "clean":  # FIND's truth: function_code.py, a simple family in full
+        clean = [expression(fam, p, truncated=bool(op)) for fam, p in zip(families, params)]
+        clean_expr = s["compound_ops"][op].format(*clean) if op else clean[0]
+        lines += ["", "def _truth_function(x):", "    x = np.asarray(x, dtype=float)",
+                  "    with np.errstate(all='ignore'):", f"        return {clean_expr}", ""]
+    lines.append(ADAPTER)
     name = find_name(families, params, op)
     desc = describe(families, op, expr, variant, extra)
     return FindFunction(

@@ -132,8 +132,8 @@ async def run_bench(cfg: FindConfig, suite_cfg: SuiteConfig, llm_cfg: Any,
     save_suite(fns, suite_cfg, out / "suite.json")
     workers = make_workers(cfg, preloads(fns), function_folders(fns))
 
-    def truth(fn: FindFunction, xs: list[Any]) -> list[Any]:
-        r = workers[fn.category].call(fn.code, xs, "f_truth", cfg.fn_timeout)
+    def truth(fn: FindFunction, xs: list[Any], entry: str = "f_truth") -> list[Any]:
+        r = workers[fn.category].call(fn.code, xs, entry, cfg.fn_timeout)
         if not r.ok:
             raise FunctionFailure(f"the function failed ({r.status}): {r.reason}")
         return r.outputs
@@ -192,6 +192,7 @@ def _stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 statistics.median(vals) if median else statistics.fmean(vals))
     if var := [r for r in rows if "nmse_var" in r]:
         d["solved_var"] = sum((r["nmse_var"] or math.inf) < 0.1 for r in var)
+        d["solved_released"] = sum((r.get("nmse_released") or math.inf) < 0.1 for r in var)
     return d
 
 
@@ -230,6 +231,7 @@ def format_tables(report: dict[str, Any]) -> str:
     metrics = [("numeric", "median_nmse", "numeric median NMSE"),
                ("numeric", "median_nmse_var", "numeric median NMSE/var"),
                ("numeric", "solved_var", "numeric NMSE/var < 0.1"),
+               ("numeric", "solved_released", "NMSE vs released < 0.1"),
                ("numeric", "mean_iou", "numeric interval IoU"),
                ("string", "mean_exact_match", "string exact match"),
                ("entity", "mean_unit_test_accuracy", "entity unit tests (1/3)")]

@@ -65,7 +65,9 @@ def _arrays(points: list[tuple[float, float]]) -> tuple[Any, Any]:
 def run_fit(points: list[tuple[float, float]], ops: list[str], kind: str,
             names: dict[str, str] | None = None) -> ModelFit | str:
     """Least squares fit of the named model to ``points`` (x, y); a message when too few.
-    Its error is FIND's NMSE of the fit's own code on the points."""
+    Its error is FIND's NMSE of the fit's own code on the points outside the stated
+    corrupted interval (the code is the model everywhere, as FIND scores the clean
+    function)."""
     import numpy as np
 
     from neuroscribe.find.eval import nmse
@@ -79,6 +81,9 @@ def run_fit(points: list[tuple[float, float]], ops: list[str], kind: str,
     code, formula, interval = numeric_code(result)
     ns: dict[str, Any] = {}
     exec(compile(code, "<fit>", "exec"), ns)  # our own generated code, not the LLM's
+    if interval is not None:
+        keep = (x < interval[0]) | (x > interval[1])
+        x, y = (x[keep], y[keep]) if keep.sum() >= 6 else (x, y)
     try:
         err = nmse(list(y), [float(ns["f"](v)) for v in x])
     except (OverflowError, ValueError, ZeroDivisionError):
