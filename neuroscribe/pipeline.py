@@ -21,6 +21,7 @@ from neuroscribe.runs import (
     atomic_write_text,
     claim_stage,
     in_shard,
+    load_stage,
     opt,
     parse_shard,
     save_stage,
@@ -164,6 +165,7 @@ def score(cfg: ScoreConfig, run_dir: Path, resume: bool = False,
     claim_stage(run_dir, "score", cfg, resume)
     sim = sim or make_simulator(cfg)
     scorers = make_scorers(cfg, getattr(sim, "client", None))
+    attach_subject(run_dir, scorers)
     todo = sorted((run_dir / "explanations").glob("*/*.json"))
     # Saved before the first unit, so an interrupted stage still guards its config.
     save_stage(run_dir, "score", cfg, complete=False)
@@ -177,6 +179,19 @@ def score(cfg: ScoreConfig, run_dir: Path, resume: bool = False,
                     counts["failed"])
     index_run(run_dir)
     return summarize(run_dir)
+
+
+def attach_subject(run_dir: Path, scorers: dict[str, Scorer]) -> None:
+    """Scorers that steer the subject model (intervention) get the run's model and SAEs."""
+    need = [s for s in scorers.values() if getattr(s, "needs_subject", False)]
+    if not need:
+        return
+    from neuroscribe.models import load_subject
+
+    rec = load_stage(run_dir, "record")
+    subject = load_subject(rec["config"]["model"], rec["config"].get("device", "cpu"), "float32")
+    for s in need:
+        s.attach(subject, rec["hookpoints"])
 
 
 async def _score_units(cfg: ScoreConfig, run_dir: Path, store: RecordStore, sim: Simulator,
@@ -226,7 +241,7 @@ async def _score_one(cfg: ScoreConfig, run_dir: Path, store: RecordStore, sim: S
         return "failed"
     if scorers:
         detail["classification"] = await classify_unit(scorers, res["explanation"], nr,
-                                                       cfg.n_per_split or None)
+                                                       cfg.n_per_split or None, hp, unit)
     write_json(score_path(run_dir, hp, unit, "scores"), detail)
     atomic_write_text(out, dumps(NeuronSimulationResults(
         neuron_id=nr.neuron_id,

@@ -53,6 +53,7 @@ from neuroscribe.llm.client import Client, LLMError, Request, Response, make_cli
 from neuroscribe.prompts import Messages, load
 from neuroscribe.runs import opt
 from neuroscribe.score.core import auroc, balanced_accuracy, f1_score
+from neuroscribe.score.intervention import InterventionConfig, InterventionScorer
 from neuroscribe.simulate.core import Embedder, SimulateConfig, SimulationError
 
 NEGATIVES = ("zero", "weak")
@@ -61,11 +62,12 @@ FUZZ_COUNT = ("firing", "marked")
 
 
 @dataclass
-class ClassifyConfig(SimulateConfig):
+class ClassifyConfig(SimulateConfig, InterventionConfig):
     """The scorers that need no logprobs (the LLM options serve detection and fuzzing)."""
 
     scorers: str = opt("", "extra scorers on the valid and test records, comma-separated: "
-                       "detection, fuzzing (LLM, no logprobs needed), embedding (no LLM)")
+                       "detection, fuzzing (LLM, no logprobs needed), embedding (no LLM), "
+                       "intervention (steers the subject model; no LLM)")
     active_threshold: float = opt(0.3, "a token is active (marked in fuzzing) at this fraction "
                                   "of its own record's max activation (delphi: 0.3)")
     classify_negatives: str = opt("zero", "non-activating examples: 'zero' (delphi) random "
@@ -367,7 +369,7 @@ class EmbeddingScorer:
 
 
 SCORERS: dict[str, type] = {"detection": DetectionScorer, "fuzzing": FuzzingScorer,
-                            "embedding": EmbeddingScorer}
+                            "embedding": EmbeddingScorer, "intervention": InterventionScorer}
 
 
 def scorer_names(cfg: ClassifyConfig) -> list[str]:
@@ -386,13 +388,18 @@ def held_out(nr: Any, n_per_split: int | None = None) -> HeldOut:
 
 
 async def classify_unit(scorers: dict[str, Scorer], explanation: str, nr: Any,
-                        n_per_split: int | None = None) -> dict[str, Any]:
-    """Each scorer's metrics on the unit's validation and test records (top and random); a
-    failure is recorded under the scorer's name, never raised."""
+                        n_per_split: int | None = None, hookpoint: str = "",
+                        unit: int = -1) -> dict[str, Any]:
+    """Each scorer's metrics on the unit's validation and test records (top and random), or
+    for a scorer with ``score_unit`` (intervention), on the unit itself; a failure is
+    recorded under the scorer's name, never raised."""
     held = held_out(nr, n_per_split)
     out: dict[str, Any] = {}
     for name, scorer in scorers.items():
         try:
+            if hasattr(scorer, "score_unit"):
+                out[name] = await scorer.score_unit(explanation, hookpoint, unit, nr)
+                continue
             out[name] = await scorer.score(explanation, held)
         except (ClassifyError, SimulationError, LLMError) as e:
             out[name] = {"failure": f"{type(e).__name__}: {e}"}
