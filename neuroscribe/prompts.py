@@ -414,3 +414,4 @@ def json_simulate_messages(explanation: str, tokens: Sequence[str],
         msgs.append(("assistant", json.dumps(levels)))
     msgs.append(("user", _json_user(explanation, tokens, t, prefix)))
     return tuple(msgs)
+

@@ -80,3 +80,57 @@ def tiny_run(tiny_model: Path, corpus_file: Path, tmp_path_factory: pytest.TempP
 def test_record_writes_output_tokens_at_the_end(tiny_run: Path) -> None:
     assert (tiny_run / "output_tokens").is_dir()
     assert load_output_tokens(tiny_run, "transformer.h.0.mlp.act") is not None
+
+
+OUTPUT = {"promoted": [[" sea", 2.5], [" ship", 2.0], [" boat", 1.0], ["x", 0.5], ["y", 0.4],
+                       ["z", 0.3]],
+          "suppressed": [[" cat", -1.5], [" mat", -1.0], ["a", -0.5], ["b", -0.4], ["c", -0.3],
+                         ["d", -0.2]]}
+
+
+def test_output_tokens_line_is_appended_to_the_last_user_message_exactly() -> None:
+    from neuroscribe.explain.output_side import with_output_tokens
+
+    msgs = (("system", "S"), ("user", "U1"), ("assistant", "A"), ("user", "U2"))
+    out = with_output_tokens(msgs, OUTPUT)
+    assert out[:3] == msgs[:3]
+    assert out[3] == ("user", 'U2\n\nWhen this neuron fires, it makes the model more likely to '
+                              'write next: " sea", " ship", " boat", "x", "y"; and less likely: '
+                              '" cat", " mat", "a", "b", "c".')
+
+
+def test_an_llm_explainer_sends_the_output_tokens(tmp_path: Path) -> None:
+    import asyncio
+
+    from test_llm_explain import TRAIN, client, text
+
+    from neuroscribe.explain.core import ExplainConfig
+    from neuroscribe.explain.llm import HighlightExplainer
+
+    c = client(tmp_path, text("the word cat"))
+    ex = HighlightExplainer(ExplainConfig(explainer="highlight"), c)
+    asyncio.run(ex.explain(TRAIN, [], OUTPUT))
+    asyncio.run(ex.explain(TRAIN, []))
+    with_ot, without = (r.messages[-1][1] for r in c.backend.requests)  # type: ignore[attr-defined]
+    assert with_ot.endswith('and less likely: " cat", " mat", "a", "b", "c".')
+    assert with_ot.startswith(without) and "less likely" not in without
+
+
+def test_tokens_explainer_with_output_tokens_names_each_unit_s_promoted_tokens(
+        tiny_run: Path) -> None:
+    from neuroscribe.errors import UserError
+    from neuroscribe.explain.core import ExplainConfig, explain, explanation_path
+
+    hp = "transformer.h.0.mlp.act"
+    explain(ExplainConfig(units="first:3", with_output_tokens=True), tiny_run)
+    units = load_output_tokens(tiny_run, hp)
+    assert units is not None
+    for u in range(3):
+        e = json.loads(explanation_path(tiny_run, hp, u).read_text())["explanation"]
+        want = ", ".join(json.dumps(t, ensure_ascii=False) for t, _ in units[u]["promoted"][:5])
+        assert e.endswith(f"; when it fires, the model leans to writing {want} next"), e
+    import shutil
+
+    shutil.rmtree(tiny_run / "output_tokens")
+    with pytest.raises(UserError, match="neuroscribe output-tokens"):
+        explain(ExplainConfig(units="first:3", with_output_tokens=True), tiny_run, resume=True)

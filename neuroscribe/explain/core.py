@@ -69,15 +69,21 @@ class ExplainConfig(LLMConfig):
     max_examples: int = opt(10, "most train records shown to an LLM explainer")
     max_negatives: int = opt(5, "most silent background records shown by the contrastive "
                              "explainer")
+    with_output_tokens: bool = opt(False, "show each unit's top promoted and suppressed "
+                                   "output tokens (logit lens, RUN/output_tokens) to the "
+                                   "explainer; the tokens explainer appends them to its "
+                                   "sentence")
 
 
 class Explainer(Protocol):
     """Writes candidate explanations for one unit from its train records."""
 
     async def explain(
-        self, train: Sequence[ActivationRecord], background: Sequence[ActivationRecord]
+        self, train: Sequence[ActivationRecord], background: Sequence[ActivationRecord],
+        output: dict[str, Any] | None = None,
     ) -> list[str]:
-        """Candidate explanations; raises ExplanationError with the reason on failure."""
+        """Candidate explanations; raises ExplanationError with the reason on failure.
+        ``output``: the unit's output tokens (``--with-output-tokens``), else None."""
         ...
 
 
@@ -118,8 +124,20 @@ class TokenStatsExplainer:
         return sorted(out, key=lambda x: (-x[1], x[0]))
 
     async def explain(
-        self, train: Sequence[ActivationRecord], background: Sequence[ActivationRecord]
+        self, train: Sequence[ActivationRecord], background: Sequence[ActivationRecord],
+        output: dict[str, Any] | None = None,
     ) -> list[str]:
+        sentence = self._input_side(train, background)
+        if output is not None:
+            from neuroscribe.explain.output_side import output_token_terms
+            from neuroscribe.prompts import load
+
+            sentence += load("output_tokens")["sentence"].format(
+                promoted=output_token_terms(output, "promoted"))
+        return [sentence]
+
+    def _input_side(self, train: Sequence[ActivationRecord],
+                    background: Sequence[ActivationRecord]) -> str:
         top = max_activation(train)
         if top <= 0:
             raise ExplanationError("the unit never activates above 0 on its train records")
@@ -139,12 +157,12 @@ class TokenStatsExplainer:
             prev_bg.update([""] + [_norm(t) for t in rec.tokens[:-1]])
         terms = [t for t, _ in self._enriched(active, bg) if t][: self.cfg.max_terms]
         if not terms:
-            return [self.template["none"]]
+            return str(self.template["none"])
         sentence = self.template["tokens"].format(terms=quote_terms(terms))
         prev = [t for t, _ in self._enriched(prev_active, prev_bg) if t]
         if prev and prev_active[prev[0]] >= 0.4 * sum(active.values()):
             sentence += self.template["after"].format(prev=quote_terms(prev[:1]))
-        return [sentence]
+        return sentence
 
 
 EXPLAINERS = Registry({"tokens": TokenStatsExplainer, **{
@@ -186,7 +204,9 @@ def explain(cfg: ExplainConfig, run_dir: Path, resume: bool = False,
             if in_shard(hp, u, shard)]
     # Saved before the first unit, so an interrupted stage still guards its config.
     save_stage(run_dir, "explain", cfg, complete=False)
-    outcomes = asyncio.run(_explain_units(cfg, run_dir, store, explainer, todo, resume))
+    outputs = _output_tokens(run_dir, store.hookpoints) if cfg.with_output_tokens else {}
+    outcomes = asyncio.run(_explain_units(cfg, run_dir, store, explainer, todo, resume,
+                                          outputs))
     done, failed = sum(outcomes), len(outcomes) - sum(outcomes)
     save_stage(run_dir, "explain", cfg, complete=True, explained=done, failed=failed,
                llm_usage=usage_of(explainer))
@@ -194,8 +214,21 @@ def explain(cfg: ExplainConfig, run_dir: Path, resume: bool = False,
     return {"explained": done, "failed": failed}
 
 
+def _output_tokens(run_dir: Path, hookpoints: list[str]) -> dict[str, list[dict[str, Any]]]:
+    from neuroscribe.record.output_tokens import load_output_tokens
+
+    out = {}
+    for hp in hookpoints:
+        if (units := load_output_tokens(run_dir, hp)) is None:
+            raise UserError(f"--with-output-tokens: {run_dir} has no output tokens for {hp}; "
+                            f"run `neuroscribe output-tokens {run_dir}` first")
+        out[hp] = units
+    return out
+
+
 async def _explain_units(cfg: ExplainConfig, run_dir: Path, store: Any, explainer: Explainer,
-                         todo: list[tuple[str, int]], resume: bool) -> list[bool]:
+                         todo: list[tuple[str, int]], resume: bool,
+                         outputs: dict[str, list[dict[str, Any]]] | None = None) -> list[bool]:
     """Explain every unit of ``todo``; True for each unit that has an explanation."""
     from tqdm import tqdm
 
@@ -213,7 +246,11 @@ async def _explain_units(cfg: ExplainConfig, run_dir: Path, store: Any, explaine
             background = nr.random_split(SPLITS_RANDOM[0], cfg.n_per_split or None)
             entry: dict[str, Any] = {"hookpoint": hp, "unit": unit, "explainer": cfg.explainer}
             try:
-                candidates = await explainer.explain(train, background)
+                if outputs:
+                    candidates = await explainer.explain(train, background,
+                                                         outputs[hp][unit])
+                else:
+                    candidates = await explainer.explain(train, background)
                 entry.update(explanation=candidates[0], candidates=candidates)
             except ExplanationError as e:
                 entry["failure"] = str(e)

@@ -17,9 +17,11 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from neuroscribe.errors import UserError
 from neuroscribe.explain.core import ExplainConfig, ExplanationError
+from neuroscribe.explain.output_side import with_output_tokens
 from neuroscribe.formats import ActivationRecord
 from neuroscribe.llm.client import Client, LLMError, Request, make_client
 from neuroscribe.prompts import (
@@ -164,11 +166,14 @@ class LLMExplainer:
         return text
 
     async def explain(self, train: Sequence[ActivationRecord],
-                      background: Sequence[ActivationRecord]) -> list[str]:
+                      background: Sequence[ActivationRecord],
+                      output: dict[str, Any] | None = None) -> list[str]:
         shown = list(train)[: max(1, self.cfg.max_examples)]
         if not shown or max_activation(shown) <= 0:
             raise ExplanationError("the unit never activates above 0 on its train records")
         msgs = self.messages(shown, background)
+        if output is not None:  # --with-output-tokens
+            msgs = with_output_tokens(msgs, output)
         outcomes = await asyncio.gather(
             *[self._sample(msgs, seed) for seed in range(self.cfg.n_samples)],
             return_exceptions=True)

@@ -118,12 +118,14 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], n_tokens: int,
     import inspect
 
     # transformers 5 renamed past_key_values to cache (the old name warns, then goes)
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else \
-        "past_key_values"
+    params = inspect.signature(model.forward).parameters
+    key = "cache" if "cache" in params else "past_key_values"
+    last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # no logits unused
     out = []
     with torch.no_grad(), ctx:
         pos = (mask.cumsum(1) - 1).clamp(min=0)
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                    **last)
         first = torch.log_softmax(res.logits[:, -1].float(), -1)
         logits, past = res.logits[:, -1], _cache_of(res)
         for _ in range(n_tokens):
@@ -132,7 +134,7 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], n_tokens: int,
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             pos = mask.sum(1, keepdim=True) - 1
             res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                        use_cache=True, **{key: past})
+                        use_cache=True, **{key: past}, **last)
             logits, past = res.logits[:, -1], _cache_of(res)
     return torch.stack(out, 1), first
 
