@@ -80,6 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ctx-len", type=int, default=64, help="tokens per record")
     p.add_argument("--llm", action="store_true", help="highlight explainer + openai simulator on "
                    "the local Qwen (the `make demo` settings; ~40 s a unit)")
+    p.add_argument("--intervention", action="store_true", help="also score every unit with "
+                   "--scorers intervention (steering; AUROC of the blind embedding judge)")
+    p.add_argument("--with-output-tokens", action="store_true", help="explain with each "
+                   "unit's output tokens (logit lens) shown to the explainer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="", help="results name (default: subject-architecture)")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "replicate")
@@ -88,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.hookpoint = args.hookpoint or (NEURONS if args.subject == "toy" else
                                         "model.layers.3.mlp.act_fn")
     args.name = args.name or "-".join([Path(args.subject).stem, args.architecture] +
-                                      (["llm"] if args.llm else []))
+                                      (["llm"] if args.llm else []) +
+                                      (["ot"] if args.with_output_tokens else []))
     return args
 
 
@@ -182,18 +187,24 @@ def side(args: argparse.Namespace, model: str, hookpoint: str, run: Path) -> dic
     alive, n = alive_units(run, hp)
     units = sorted(random.Random(args.seed).sample(alive, min(args.units, len(alive))))
     llm = dict(explainer="highlight") if args.llm else {}
-    ec = ExplainConfig(units=",".join(map(str, units)), **llm)
-    sc = (ScoreConfig(simulator="openai", n_per_split=4, calibrate=False, sim_batch_tokens=1024)
-          if args.llm else ScoreConfig())
+    ec = ExplainConfig(units=",".join(map(str, units)),
+                       with_output_tokens=args.with_output_tokens, **llm)
+    extra = dict(scorers="intervention") if args.intervention else {}
+    sc = (ScoreConfig(simulator="openai", n_per_split=4, calibrate=False, sim_batch_tokens=1024,
+                      **extra) if args.llm else ScoreConfig(**extra))
     explain(ec, run, resume=True)
     score(sc, run, resume=True)
     per_unit: dict[str, Any] = {}
     for u in units:
         path = score_path(run, hp, u, "scores")
         s = json.loads(path.read_text()) if path.exists() else {}
+        iv = s.get("classification", {}).get("intervention", {})
         per_unit[str(u)] = {"explanation": s.get("explanation"),
                             **{k: v["ev_correlation_score"]
-                               for k, v in s.get("scores", {}).items()}}
+                               for k, v in s.get("scores", {}).items()},
+                            **({"intervention": iv.get("auroc"),
+                                "intervention_kl": max(iv["kl"].values())}
+                               if "kl" in iv else {})}
     failed = sum(1 for v in per_unit.values() if v.get(METRIC) is None)
     return {"run": str(run), "hookpoint": hp, "n_units": n, "n_alive": len(alive),
             "n_unscored": failed,
@@ -203,7 +214,11 @@ def side(args: argparse.Namespace, model: str, hookpoint: str, run: Path) -> dic
 
 
 def scores_of(s: dict[str, Any], metric: str = METRIC) -> np.ndarray:
-    """Per-unit scores; an undefined score (a flat simulation) counts as 0."""
+    """Per-unit scores; an undefined score (a flat simulation) counts as 0. An intervention
+    score that failed is left out (its reason is in the unit's scores file)."""
+    if metric == "intervention":
+        return np.array([u[metric] for u in s["units"].values() if u.get(metric) is not None],
+                        dtype=np.float64)
     return np.array([u.get(metric) or 0.0 for u in s["units"].values()], dtype=np.float64)
 
 
@@ -266,14 +281,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
          "eval", "ctx", "seed"))})
     sae_dir = base / f"sae-{skey}"
     out["sae"] = train_and_measure(args, model, sae_dir)
-    rkey = key(skey, args.units, args.max_tokens, args.llm)
+    rkey = key(skey, args.units, args.max_tokens, args.llm,
+               *(["intervention"] if args.intervention else []),
+               *(["output-tokens"] if args.with_output_tokens else []))
     sides = {"neurons": side(args, model, args.hookpoint, base / f"neurons-{rkey}"),
              "features": side(args, model, f"{args.hookpoint}:sae={sae_dir}",
                               base / f"features-{rkey}")}
     out["dead_fraction_recorded"] = sides["features"]["dead_fraction"]
     out.update(sides)
     out["distribution"], out["comparison"] = {}, {}
-    for metric in (METRIC, "test_all"):
+    for metric in (METRIC, "test_all", *(["intervention"] if args.intervention else [])):
         n, f = scores_of(sides["neurons"], metric), scores_of(sides["features"], metric)
         out["distribution"][metric] = {"neurons": describe(n), "features": describe(f)}
         out["comparison"][metric] = compare(n, f, args.seed)
