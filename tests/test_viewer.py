@@ -309,6 +309,29 @@ def test_http_server_headers_and_raw_traversal(server: tuple[str, int]) -> None:
     conn.close()
 
 
+def test_the_read_page_takes_a_posted_text_and_nothing_else_takes_posts(
+        server: tuple[str, int]) -> None:
+    from urllib.parse import urlencode
+
+    from neuroscribe.viewer.read_page import MAX_CHARS
+
+    conn = http.client.HTTPConnection(*server, timeout=60)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    text = "the cat <b>sat</b> & \"quoted\""
+    conn.request("POST", "/run/viewer-run/read", urlencode({"text": text}), form)
+    r = conn.getresponse()
+    page = r.read().decode()
+    assert r.status == 200 and 'class="readtoks"' in page
+    assert "&lt;b&gt;sat&lt;/b&gt; &amp; &quot;quoted&quot;" in page and "<b>sat" not in page
+    conn.request("POST", "/run/viewer-run/", urlencode({"text": text}), form)
+    r = conn.getresponse()
+    assert r.status == 405 and r.read()
+    conn.request("POST", "/run/viewer-run/read", "text=" + "a" * (4 * MAX_CHARS + 100), form)
+    r = conn.getresponse()
+    assert r.status == 413 and r.read()
+    conn.close()
+
+
 def test_export_html(tmp_path: Path, viewer_run: Path) -> None:
     db = sqlite3.connect(viewer_run / "index.sqlite")
     units = db.execute("SELECT COUNT(*) FROM units").fetchone()[0]

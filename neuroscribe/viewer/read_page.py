@@ -28,7 +28,7 @@ def _panel(nav: pages.Nav, i: int, tok: dict[str, Any], safe_of: dict[str, str])
 
 def read_page(nav: pages.Nav, run: str, text: str, result: dict[str, Any] | None,
               safe_of: dict[str, str]) -> str:
-    form = (f'<form class="readform" method="get"><textarea name="text" id="readtext" '
+    form = (f'<form class="readform" method="post"><textarea name="text" id="readtext" '
             f'rows="5" cols="80" aria-label="text to read">{e(text)}</textarea>'
             f'<button>read</button></form>')
     if result is None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import neuroscribe.viewer.pages as pages
 from neuroscribe.errors import UserError
@@ -344,6 +344,29 @@ def respond(site: Site, raw: str) -> Response:
         return _html(pages.message_page(nav, "Error", f"{type(e).__name__}: {e}"), 500)
 
 
+POST_PAGES = ("read",)  # the only pages a form posts to; they change nothing on disk
+
+
+def respond_post(site: Site, raw: str, headers: Any, body: Any) -> Response:
+    """A POST of a form (``text=...``, urlencoded, at most 4 bytes a character of the read
+    page's limit) to a page of ``POST_PAGES``: that page, as if its fields were the query."""
+    from neuroscribe.viewer.read_page import MAX_CHARS
+
+    nav = pages.ServerNav("")
+    segs = urlsplit(raw).path.split("/")
+    if len(segs) < 4 or segs[1] != "run" or segs[-1] not in POST_PAGES:
+        return _html(pages.message_page(nav, "Refused", "POST is only for the read page"), 405)
+    try:
+        n = int(headers.get("Content-Length") or 0)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 4 * MAX_CHARS + 64:
+        return _html(pages.message_page(nav, "Refused", "the posted text is too long"), 413)
+    form = parse_qs(body.read(n).decode("utf-8", "replace"))
+    query = urlencode({k: v[0] for k, v in form.items() if k == "text"})
+    return respond(site, urlsplit(raw).path + (f"?{query}" if query else ""))
+
+
 def make_server(site: Site, host: str, port: int) -> Any:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -351,7 +374,12 @@ def make_server(site: Site, host: str, port: int) -> Any:
         server_version = "neuroscribe-viewer"
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            status, ctype, body, extra = respond(site, self.path)
+            self._send(*respond(site, self.path))
+
+        def do_POST(self) -> None:  # noqa: N802 - the read page's form (a text too long for a URL)
+            self._send(*respond_post(site, self.path, self.headers, self.rfile))
+
+        def _send(self, status: int, ctype: str, body: bytes, extra: dict[str, str]) -> None:
             self.send_response(status)
             headers = {"Content-Type": ctype, "Content-Length": str(len(body)),
                        "Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
