@@ -165,7 +165,7 @@ def score(cfg: ScoreConfig, run_dir: Path, resume: bool = False,
     claim_stage(run_dir, "score", cfg, resume)
     sim = sim or make_simulator(cfg)
     scorers = make_scorers(cfg, getattr(sim, "client", None))
-    attach_subject(run_dir, scorers)
+    attach_subject(run_dir, scorers, cfg, getattr(sim, "client", None))
     todo = sorted((run_dir / "explanations").glob("*/*.json"))
     # Saved before the first unit, so an interrupted stage still guards its config.
     save_stage(run_dir, "score", cfg, complete=False)
@@ -181,13 +181,21 @@ def score(cfg: ScoreConfig, run_dir: Path, resume: bool = False,
     return summarize(run_dir)
 
 
-def attach_subject(run_dir: Path, scorers: dict[str, Scorer]) -> None:
-    """Scorers that steer the subject model (intervention) get the run's model and SAEs."""
+def attach_subject(run_dir: Path, scorers: dict[str, Scorer], cfg: ScoreConfig,
+                   client: Any = None) -> None:
+    """Scorers that steer the subject model (intervention) get the run's model and SAEs, and
+    with ``--intervention-judge llm`` the LLM judge."""
     need = [s for s in scorers.values() if getattr(s, "needs_subject", False)]
     if not need:
         return
     from neuroscribe.models import load_subject
 
+    if cfg.intervention_judge == "llm":
+        from neuroscribe.score.llm_judge import LLMJudge
+
+        judge = LLMJudge(cfg, client)
+        for s in need:
+            s.llm_judge = judge
     rec = load_stage(run_dir, "record")
     subject = load_subject(rec["config"]["model"], rec["config"].get("device", "cpu"), "float32")
     for s in need:

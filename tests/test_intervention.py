@@ -140,3 +140,40 @@ def test_the_score_stage_writes_the_intervention_score_for_neurons_and_sae_laten
         assert "failure" not in res, res
         assert 0.0 <= res["auroc"] <= 1.0 and set(res["kl"]) == {"1", "4"}
         assert res["new_tokens"] == 4 and res["peak"] > 0
+
+
+def test_the_llm_judge_reads_each_continuation_blind_and_in_any_order(
+        tiny_model: Path, tmp_path: Path) -> None:
+    """--intervention-judge llm: a judge that answers 1 for texts about ships (a fake LLM
+    backend; the prompt is classify.json's) ranks the planted unit's continuations first."""
+    import re
+
+    from test_llm_explain import client
+
+    from neuroscribe.llm.client import Response
+    from neuroscribe.pipeline import ScoreConfig
+    from neuroscribe.score.llm_judge import LLMJudge
+
+    def reply(req):  # type: ignore[no-untyped-def]
+        user = req.messages[-1][1]
+        assert "steer" not in user.lower()  # blind: nothing says which text was steered
+        texts = re.findall(r"^Example \d+: (.*)$", user, flags=re.M)
+        return Response(text=json.dumps([int("ships" in t) for t in texts]),
+                        completion_tokens=5)
+
+    subject = load_subject(str(tiny_model), "cpu", "float32")
+    planted(subject, "Ġships", unit=5, other=6)
+    cfg = ScoreConfig(intervention_scales="2,5", intervention_tokens=6,
+                      intervention_judge="llm")
+    scorer = InterventionScorer(cfg)
+    hp = "transformer.h.1.mlp.act"
+    scorer.attach(subject, [hp])
+    c = client(tmp_path, reply)
+    scorer.llm_judge = LLMJudge(cfg, c)
+    good = asyncio.run(scorer.score_unit("ships", hp, 5, record_of(3.0)))
+    rand = asyncio.run(scorer.score_unit("ships", hp, 6, record_of(3.0)))
+    assert good["judge"] == "llm" and good["auroc"] == 1.0 and rand["auroc"] == 0.5
+    n = len(load_prompts()[0]) * 3  # unsteered + 2 scales, per unit
+    sent = [t for r in c.backend.requests  # type: ignore[attr-defined]
+            for t in re.findall(r"^Example \d+: (.*)$", r.messages[-1][1], flags=re.M)]
+    assert len(sent) == 2 * n

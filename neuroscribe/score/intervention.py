@@ -44,6 +44,9 @@ class InterventionConfig:
                                    "added along its output direction, comma-separated")
     intervention_tokens: int = opt(12, "tokens generated per continuation (greedy, KV cache)")
     intervention_prompts: str = opt("", "JSON list of neutral prompts ('' for neuroscribe's)")
+    intervention_judge: str = opt("embedding", "who ranks the continuations, blind: embedding "
+                                  "(MiniLM, no LLM) or llm (the --provider model, as "
+                                  "detection)", choices=("embedding", "llm"))
 
 
 def parse_scales(text: str) -> list[float]:
@@ -170,6 +173,7 @@ class InterventionScorer:
         self.cfg, self.scales = cfg, parse_scales(cfg.intervention_scales)
         self.prompts, self.distractors = load_prompts(cfg.intervention_prompts)
         self._subject: Any = None
+        self.llm_judge: Any = None  # set by the score stage for --intervention-judge llm
         self._saes: dict[str, Any] = {}
         self._dirs: dict[str, Any] = {}
         from neuroscribe.simulate.core import Embedder
@@ -226,7 +230,13 @@ class InterventionScorer:
         peak = typical_peak(nr)
         out = self.steered(hookpoint, unit, peak)
         base, steered = out["texts"][0], out["texts"][1:]
-        sims = self.judge(explanation, [*base, *(t for ts in steered for t in ts)])
+        texts = [*base, *(t for ts in steered for t in ts)]
+        if self.cfg.intervention_judge == "llm":
+            if self.llm_judge is None:
+                raise UserError("--intervention-judge llm needs an LLM client (score stage)")
+            sims = await self.llm_judge(explanation, texts)
+        else:
+            sims = self.judge(explanation, texts)
         n = len(base)
         by_scale = {f"{s:g}": auroc(sims[:n] + sims[(i + 1) * n:(i + 2) * n],
                                     [False] * n + [True] * n)
@@ -235,6 +245,7 @@ class InterventionScorer:
                 "auroc_by_scale": by_scale,
                 "kl": {f"{s:g}": k for s, k in zip(self.scales, out["kl"])},
                 "no_effect": max(out["kl"]) < 1e-6, "peak": peak,
+                "judge": self.cfg.intervention_judge,
                 "scales": self.scales, "prompts": self.prompts,
                 "new_tokens": self.cfg.intervention_tokens,
                 "examples": [{"prompt": p, "unsteered": b, "steered": s}
