@@ -394,3 +394,25 @@ def test_latent_recorder_bins_cover_every_context(tmp_path: Path) -> None:
         members = [int(c) for i in range(len(QUANTILES) - 1) for c in got[f"q{i}_ctx"][unit]
                    if c >= 0]
         assert sorted(members) == list(range(n)), unit
+
+
+def test_a_checkpoint_snapshot_cuts_a_killed_attempt_s_spills_back(tmp_path: Path) -> None:
+    """What was written after a checkpoint (a killed rank kept going) is cut off on resume,
+    so no context is counted twice."""
+    from neuroscribe.record.latent_cache import LatentCache, truncate
+
+    cache = LatentCache(tmp_path / "c", 10, 2, 2)
+
+    def batch(c: int) -> None:
+        cache.add(np.array([c, c]), np.array([0, 1]), np.array([1, 7]),
+                  np.array([0.5, 2.0], np.float32), np.array([[3, 4]]), np.array([c]))
+
+    batch(0)
+    snap = cache.snapshot()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "c").glob(".*.spill")}
+    batch(1)
+    cache.close()
+    assert any(p.stat().st_size > len(before[p.name]) for p in (tmp_path / "c").glob(".*"))
+    truncate(snap)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "c").glob(".*.spill")} == before
+    assert snap["n_ctx"] == 1 and all(v > 0 for v in snap["sizes"].values())

@@ -191,3 +191,30 @@ def test_keys_order_as_floats_and_break_ties_to_the_lower_context() -> None:
     tie = float_keys(torch.tensor([[3.0], [3.0]]), torch.tensor([7, 5]))[:, 0]
     assert tie[1] > tie[0]
     assert with_ctx(torch.tensor([[2]]), torch.tensor([5])).item() == 2 * 2**32 + 2**32 - 1 - 5
+
+
+def test_a_killed_sae_run_resumes_from_its_checkpoints_to_the_same_files(
+        tiny_model: Path, corpus_file: Path, tmp_path: Path) -> None:
+    """SAE latents are checkpointed too: their spill files are cut back to the last
+    checkpoint and merged, so the resumed run equals an uninterrupted one, delphi's files
+    included (2 ranks killed, resumed in 1 process)."""
+    import json
+
+    from test_latents import make_sae
+
+    from neuroscribe import cli
+
+    make_sae(tmp_path / "sae")
+    hp = f"{HP}:sae={tmp_path / 'sae'}"
+    assert cli.main(argv(tiny_model, corpus_file, tmp_path / "one", hp=hp)) == 0
+    out = tmp_path / "killed"
+    p = torchrun(2, argv(tiny_model, corpus_file, out, hp=hp, checkpoint_seconds=0),
+                 env={"NEUROSCRIBE_DIE_AFTER_SHARDS": "2"}, check=False)
+    assert p.returncode != 0 and list((out / "record.partial").glob("*.pt"))
+    spills = list((out / "record.partial" / "latents").glob("*/*/*.spill"))
+    assert spills and not (out / "latents").exists()
+    assert cli.main([*argv(tiny_model, corpus_file, out, hp=hp, checkpoint_seconds=0),
+                     "--resume"]) == 0
+    assert record_files(out) == record_files(tmp_path / "one")
+    info = json.loads((out / "record.json").read_text())
+    assert info["resumed_shards"] and not (out / "record.partial").exists()

@@ -58,8 +58,8 @@ class RecordConfig:
                               "torchrun, ranks take shards in turn; checkpoints fall between "
                               "shards")
     checkpoint_seconds: float = opt(300.0, "save a checkpoint for --resume at the end of a "
-                                    "shard at most this often (0: every shard; -1: never; SAE "
-                                    "hookpoints: never)", identity=False)
+                                    "shard at most this often (0: every shard; -1: never)",
+                                    identity=False)
 
 
 def store_path(run_dir: Path, hookpoint: str) -> Path:
@@ -76,14 +76,16 @@ def latents_dir(run_dir: Path, hookpoint: str) -> Path:
 
 
 def _recorder(hp: str, n_units: int, sparse: bool, cfg: RecordConfig, run_dir: Path,
-              ranks: Ranks) -> Any:
-    """SAE latents (sparse) keep their activations on disk; other units in memory."""
+              ranks: Ranks, tag: str) -> Any:
+    """SAE latents (sparse) keep their activations on disk, in this attempt's and rank's
+    folder under ``record.partial`` until the end merges them; other units in memory."""
     if sparse:
+        from neuroscribe.models import safe_name
+        from neuroscribe.record.dist import PARTIAL
         from neuroscribe.record.latents import LatentRecorder
 
-        folder = latents_dir(run_dir, hp)
-        return LatentRecorder(hp, n_units, cfg, folder if ranks.world == 1
-                              else folder / f".rank{ranks.rank}")
+        folder = run_dir / PARTIAL / "latents" / f"{tag}-r{ranks.rank}" / safe_name(hp)
+        return LatentRecorder(hp, n_units, cfg, folder)
     return UnitRecorder(hp, n_units, cfg)
 
 
@@ -147,6 +149,12 @@ def record(cfg: RecordConfig, run_dir: Path, resume: bool = False,
         dist.clear_checkpoints(run_dir)
     dist.barrier(ranks)
     prev = [dist.load_checkpoint(p) for p in dist.checkpoints(run_dir)] if resume else []
+    if ranks.rank == 0:  # a killed attempt's SAE spills, cut back to its last checkpoint
+        from neuroscribe.record.latent_cache import truncate
+
+        for p in prev:
+            for snap in p.get("spills", {}).values():
+                truncate(snap)
     done = {s for p in prev for s in p["shards"]}
     dist.barrier(ranks)  # every rank has seen the same checkpoints before any writes one
     tag = dist.attempt_tag(done)
@@ -169,10 +177,11 @@ def record(cfg: RecordConfig, run_dir: Path, resume: bool = False,
         held.append(shard)
         if not synced:  # rank 0 after shard 0: a corpus shorter than the warm-up
             sync()
-        if (cfg.checkpoint_seconds >= 0 and time.monotonic() - last_ckpt >= cfg.checkpoint_seconds
-                and not any(r.sparse for r in recorders.values())):
+        if cfg.checkpoint_seconds >= 0 and time.monotonic() - last_ckpt >= cfg.checkpoint_seconds:
             dist.save_checkpoint(run_dir, tag, ranks, held, n_read,
-                                 {hp: r.state() for hp, r in recorders.items()})
+                                 {hp: r.state() for hp, r in recorders.items()},
+                                 {hp: r.cache.snapshot() for hp, r in recorders.items()
+                                  if r.sparse})
             last_ckpt = time.monotonic()
         if len(held) == _DIE_AFTER and ranks.rank == ranks.world - 1:  # fault injection, tests
             os._exit(17)
@@ -207,7 +216,7 @@ def record(cfg: RecordConfig, run_dir: Path, resume: bool = False,
                                     "not [batch, seq, units]")
                 if hp not in recorders:
                     recorders[hp] = _recorder(hp, acts.shape[-1], acts.is_sparse, cfg, run_dir,
-                                              ranks)
+                                              ranks, tag)
                     if preset is not None:
                         recorders[hp].set_boundaries(*preset[hp])
                 recorders[hp].update(acts, ids.cpu().to(torch.int32), ctx, shard)
@@ -235,13 +244,13 @@ def record(cfg: RecordConfig, run_dir: Path, resume: bool = False,
     info: dict[str, Any] = {}
     if ranks.rank == 0:
         info = _finish(cfg, run_dir, subject, hookpoints, recorders, everyone, prev, n_ctx,
-                       seconds, ranks)
+                       seconds, ranks, tag)
     return dist.broadcast(info, ranks)  # and every rank waits for rank 0's files
 
 
 def _finish(cfg: RecordConfig, run_dir: Path, subject: Any, hookpoints: list[str],
             recorders: dict[str, Any], everyone: list[dict[str, Any]], prev: list[dict[str, Any]],
-            n_ctx: int, seconds: float, ranks: Ranks) -> dict[str, Any]:
+            n_ctx: int, seconds: float, ranks: Ranks, tag: str) -> dict[str, Any]:
     """Rank 0: merge every rank's and checkpoint's state, write the records and record.json."""
     import torch
 
@@ -254,14 +263,15 @@ def _finish(cfg: RecordConfig, run_dir: Path, subject: Any, hookpoints: list[str
         units.update(o["units"])
     for hp, n in units.items():
         if hp not in recorders:  # rank 0 held no shard of it (a resumed run): an empty one
-            recorders[hp] = UnitRecorder(hp, n, cfg)
+            sparse = any(hp in o.get("spills", {}) for o in others)
+            recorders[hp] = _recorder(hp, n, sparse, cfg, run_dir, ranks, tag)
             st = next(o["states"][hp] for o in others if hp in o["states"])
             recorders[hp].set_boundaries(st["boundaries"], st["hist_edges"])
     for hp, rec in recorders.items():
         meta = {"hookpoint": hp, "layer_index": str(layer_index(hp)), "ctx_len": str(cfg.ctx_len)}
         states = tuple(o["states"][hp] for o in others if hp in o["states"])
-        if rec.sparse and ranks.world > 1:
-            rec.cache.adopt([o["spills"][hp] for o in everyone[1:] if hp in o["spills"]],
+        if rec.sparse:  # every rank's and checkpoint's spills, in delphi's folder
+            rec.cache.adopt([o["spills"][hp] for o in others if hp in o.get("spills", {})],
                             latents_dir(run_dir, hp), n_ctx)
         # The recorders' tensors are inference tensors: finish them in inference mode.
         with atomic_path(store_path(run_dir, hp)) as tmp, torch.inference_mode():

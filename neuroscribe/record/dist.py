@@ -7,9 +7,12 @@ state and merges (``merge.py``). NCCL on GPUs, gloo on CPUs. One process: no pro
 nothing changes.
 
 Checkpoints: at the end of a shard (at most every ``checkpoint_seconds``), each rank saves its
-state and the shards it holds to ``RUN/record.partial/``. ``record --resume`` loads them, skips
-their shards and merges them at the end, whatever the number of ranks now (the states merge
-exactly). With several machines, the run folder must be shared for ``--resume``.
+state and the shards it holds to ``RUN/record.partial/``. SAE latents write their spill files
+under ``RUN/record.partial/latents/<attempt>-r<rank>/`` as they go; a checkpoint records their
+lengths. ``record --resume`` loads the checkpoints, cuts a killed attempt's spills back to
+them, skips their shards and merges everything at the end, whatever the number of ranks now
+(the states merge exactly). With several machines, the run folder must be shared for
+``--resume``.
 """
 
 from __future__ import annotations
@@ -94,13 +97,17 @@ def attempt_tag(done: set[int]) -> str:
 
 
 def save_checkpoint(run_dir: Path, tag: str, ranks: Ranks, shards: list[int],
-                    contexts: int, states: dict[str, Any]) -> None:
+                    contexts: int, states: dict[str, Any],
+                    spills: dict[str, Any] | None = None) -> None:
+    """This rank's state so far; ``spills``: its SAE hookpoints' spill files and their
+    lengths now (``LatentCache.snapshot``), which a resumed run merges."""
     import torch
 
     from neuroscribe.runs import atomic_path
 
     with atomic_path(run_dir / PARTIAL / f"{tag}-r{ranks.rank}.pt") as tmp:
-        torch.save({"shards": sorted(shards), "contexts": contexts, "states": states}, tmp)
+        torch.save({"shards": sorted(shards), "contexts": contexts, "states": states,
+                    "spills": spills or {}}, tmp)
 
 
 def clear_checkpoints(run_dir: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,6 +65,12 @@ class TensorFile:
         self.file.close()
 
 
+def truncate(snapshot: dict[str, Any]) -> None:
+    """A killed attempt's spill files, cut back to a checkpoint's ``snapshot``."""
+    for name, size in snapshot["sizes"].items():
+        os.truncate(Path(snapshot["folder"]) / name, size)
+
+
 def split_bounds(n_latents: int, n_splits: int) -> list[tuple[int, int]]:
     """delphi's latent ranges ``(start, end)``, end inclusive, from the same linspace."""
     import torch
@@ -116,6 +123,16 @@ class LatentCache:
         for f in [*self.spills, self.token_file, self.ctx_file]:
             f.close()
 
+    def snapshot(self) -> dict[str, Any]:
+        """Flush, and where the spills are and how long, for a checkpoint (``truncate``
+        cuts a killed attempt's files back to it on resume)."""
+        files = [*self.spills, self.token_file, self.ctx_file]
+        for f in files:
+            f.flush()
+        return {"folder": str(self.folder), "n_ctx": self.n_ctx,
+                "max_ctx": self.max_ctx.tolist(), "max_latent": self.max_latent.tolist(),
+                "sizes": {Path(f.name).name: f.tell() for f in files}}
+
     def spill_files(self) -> dict[str, Any]:
         """Where this rank's spills are, for rank 0's ``adopt``."""
         self.close()
@@ -127,8 +144,15 @@ class LatentCache:
         context order (each rank's spill is in its own context order, so a merge by context
         id), as one process would have written them; then drop the ranks' folders."""
         self.close()
+        if not others:  # one process, nothing resumed: the spills move as they are
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.folder), folder)
+            self.folder = folder
+            return
         parts = [{"folder": str(self.folder), "n_ctx": self.n_ctx}, *others]
-        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
         for i in range(len(self.splits)):
             name = self._spill(i).name
             rows = np.concatenate([np.fromfile(Path(p["folder"]) / name, SPILL) for p in parts])
