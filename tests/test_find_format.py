@@ -240,3 +240,33 @@ def test_offline_string_search_solves_finds_compositions_on_held_out_inputs() ->
         exec(steps_answer(found)[0], ns2)  # noqa: S102
         for x in ["held out words", "Another Test 99", "qwerty banana"]:
             assert ns2["f"](x) == ns["f"](x)
+
+
+def test_rescore_scores_saved_answers_with_this_evaluator_without_running_agents(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After an evaluator fix (FIND's clean-function truth), saved answers are scored again;
+    no agent runs, and a changed generator is refused."""
+    from neuroscribe.find import report as report_mod
+    from neuroscribe.find.cli import bench_find
+    from neuroscribe.llm.client import LLMConfig
+
+    scfg = SuiteConfig(n_numeric=2, n_string=0, n_entity=0, puzzles="", seed=5)
+    cfg = FindConfig(out=str(tmp_path / "run"))
+    first = bench_find(cfg, scfg, LLMConfig())
+    path = tmp_path / "run" / "answers" / "offline" / "numeric-0000.json"
+    rec = json.loads(path.read_text())
+    rec.update(solved=not rec["solved"], nmse=123.0)  # as if an older evaluator had said so
+    path.write_text(json.dumps(rec))
+
+    async def no_agent(*a: object, **k: object) -> None:
+        raise AssertionError("an agent ran")
+
+    monkeypatch.setattr(report_mod, "solve_one", no_agent)
+    again = bench_find(cfg, scfg, LLMConfig(), resume=True, rescore=True)
+    assert [r["solved"] for r in again["results"]] == [r["solved"] for r in first["results"]]
+    assert json.loads(path.read_text())["nmse"] == first["results"][0]["nmse"]
+    suite = json.loads((tmp_path / "run" / "suite.json").read_text())
+    suite["functions"][0]["params"]["params"] = [[9.9, 9.9]]
+    (tmp_path / "run" / "suite.json").write_text(json.dumps(suite))
+    with pytest.raises(UserError, match="other functions"):
+        bench_find(cfg, scfg, LLMConfig(), resume=True, rescore=True)

@@ -93,6 +93,21 @@ def group_of(fn: FindFunction) -> str:
     return f"{fn.category}/{groups[fn.category]()}"
 
 
+KEPT = ("id", "category", "op", "group", "agent", "truth", "seconds", "variant", "answer")
+
+
+def regenerated(suite_cfg: SuiteConfig, saved: Path) -> list[FindFunction]:
+    """The suite made again from its config, for ``--rescore``; refused when its functions
+    are not the saved ones (the generator changed: their answers answer other functions)."""
+    fns = make_suite(suite_cfg)
+    if saved.exists():
+        old = {f.id: f.params for f in load_suite(saved)}
+        if old != {f.id: f.params for f in fns}:
+            raise UserError(f"{saved}: the generator now makes other functions from this seed; "
+                            "--rescore needs the same ones (rerun the agents instead)")
+    return fns
+
+
 async def solve_one(agent: Any, fn: FindFunction, worker: Worker, cfg: FindConfig) -> Answer:
     box = BlackBox(fn.code, worker, cfg.fn_timeout)
     try:
@@ -108,7 +123,7 @@ async def solve_one(agent: Any, fn: FindFunction, worker: Worker, cfg: FindConfi
 
 
 async def run_bench(cfg: FindConfig, suite_cfg: SuiteConfig, llm_cfg: Any,
-                    resume: bool) -> dict[str, Any]:
+                    resume: bool, rescore: bool = False) -> dict[str, Any]:
     out = Path(cfg.out)
     config = {"find": dataclasses.asdict(cfg), "suite": dataclasses.asdict(suite_cfg),
               "llm": dataclasses.asdict(llm_cfg)}
@@ -125,8 +140,10 @@ async def run_bench(cfg: FindConfig, suite_cfg: SuiteConfig, llm_cfg: Any,
         fns = load_find_dir(cfg.suite[len("find:"):], cfg.find_variant)
     elif cfg.suite:
         fns = load_suite(Path(cfg.suite))
-    elif resume and (out / "suite.json").exists():
+    elif resume and (out / "suite.json").exists() and not rescore:
         fns = load_suite(out / "suite.json")
+    elif rescore:
+        fns = regenerated(suite_cfg, out / "suite.json")
     else:
         fns = make_suite(suite_cfg)
     save_suite(fns, suite_cfg, out / "suite.json")
@@ -147,7 +164,12 @@ async def run_bench(cfg: FindConfig, suite_cfg: SuiteConfig, llm_cfg: Any,
             for fn in fns:
                 path = out / "answers" / name / f"{fn.id}.json"
                 if resume and path.exists():
-                    results.append(json.loads(path.read_text()))
+                    rec = json.loads(path.read_text())
+                    if rescore:  # the saved answer, scored by this version's evaluator
+                        rec = {k: v for k, v in rec.items() if k in KEPT} | \
+                            evaluator.score(fn, Answer(**rec["answer"]))
+                        write_json(path, rec)
+                    results.append(rec)
                     continue
                 t0 = time.perf_counter()
                 ans = await solve_one(agent, fn, workers[fn.category], cfg)
