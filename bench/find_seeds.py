@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
+
+from neuroscribe.find.report import below
 
 
 def pool(runs: list[Path]) -> dict:
@@ -46,10 +47,9 @@ def pool(runs: list[Path]) -> dict:
         for k, rs in sorted(groups.items()):
             d = {"n": len(rs), "solved": sum(bool(r["solved"]) for r in rs)}
             if any("nmse_var" in r for r in rs):
-                d["solved_var"] = sum((r.get("nmse_var") or math.inf) < 0.1 for r in rs)
+                d["solved_var"] = sum(below(r.get("nmse_var")) for r in rs)
             if any("nmse_released" in r for r in rs):
-                d["solved_released"] = sum((r.get("nmse_released") or math.inf) < 0.1
-                                           for r in rs)
+                d["solved_released"] = sum(below(r.get("nmse_released")) for r in rs)
             out[agent][k] = d
     return {"seeds": seeds, "functions_per_seed": counts, "runs": [str(r) for r in runs],
             "agents": out}

@@ -144,19 +144,20 @@ def test_interval_iou() -> None:
     assert interval_iou(None, None) == 1.0 and interval_iou(None, [0, 1]) == 0.0
 
 
-def test_offline_agent_recovers_a_corrupted_noisy_function() -> None:
+def test_offline_agent_codes_a_plateau_of_a_function_that_is_noisy_everywhere() -> None:
+    """Noise everywhere (FIND's noised variant): a region at another level is part of the
+    function, not a corruption (FIND's corrupted variants are exact outside their region)."""
     fn = FindFunction("t", "numeric", "cos", "", "", "\n".join([
         "import math, random", "_r = random.Random(0)", "def f_truth(x):",
-        "    return 3.0 * math.cos(0.3 * x) - 1.0", "def f(x):",
-        "    return (7.0 if 20 <= x <= 45 else f_truth(x)) + _r.gauss(0, 0.1)", ""]),
-        interval=[20.0, 45.0])  # FIND scores against the clean function (function_code.py)
+        "    return 7.0 if 20 <= x <= 45 else 3.0 * math.cos(0.3 * x) - 1.0", "def f(x):",
+        "    return f_truth(x) + _r.gauss(0, 0.1)", ""]))
     with Worker(SandboxConfig(timeout=20)) as w:
         ans = asyncio.run(OfflineAgent().solve(BlackBox(fn.code, w), "numeric"))
         ev = Evaluator(FindConfig(), lambda f, xs: run_in_process(f, "f_truth", xs),
                        lambda code, xs: run_code(code, xs))
         m = ev.score(fn, ans)
     assert m["solved"] and m["nmse"] < 0.01, (ans.description, m)
-    assert m["iou"] > 0.8
+    assert ans.interval is None and m["iou"] == 1.0
 
 
 def test_string_search_finds_a_composition() -> None:
@@ -496,3 +497,35 @@ def test_the_single_round_baseline_has_no_fit_tool() -> None:
     with Worker(SandboxConfig()) as w:
         ans = asyncio.run(agent.solve(BlackBox(LINEAR.code, w), "numeric"))
     assert "FIT" not in backend.prompts[0] and ans.failure is not None and ans.llm_calls == 1
+
+
+def test_an_exact_fit_counts_as_solved_in_every_figure() -> None:
+    """An NMSE of exactly 0 is solved (it was read as 'no score' by a falsy test)."""
+    from neuroscribe.find.report import summarize
+
+    row = {"agent": "offline", "category": "numeric", "group": "numeric/constant",
+           "variant": "clean", "solved": True, "seconds": 1.0, "answer": {"llm_calls": 0},
+           "nmse": 0.0, "nmse_var": 0.0, "nmse_released": 0.0}
+    none = {**row, "solved": False, "nmse": None, "nmse_var": None, "nmse_released": None}
+    total = summarize([row, none])["offline"]["total"]
+    assert total["solved"] == total["solved_var"] == total["solved_released"] == 1
+
+
+def test_a_plateau_f_keeps_is_coded_and_a_noisy_region_is_stated() -> None:
+    """Both look like "a constant on an interval" to the fit: called again, a rectangle's
+    plateau gives the same values (part of the function: coded, no interval stated), a FIND
+    corruption gives fresh noise (stated, not coded: FIND scores the clean function)."""
+    rect = FindFunction("r", "numeric", "rectangle", "", "", "\n".join([
+        "def f_truth(x):", "    return 1.0 if abs(x) <= 20 else 0.0", "f = f_truth", ""]))
+    cor = FindFunction("c", "numeric", "linear", "", "", "\n".join([
+        "import random", "_r = random.Random(0)", "def f_truth(x):", "    return 0.5 * x",
+        "def f(x):", "    return _r.gauss(30.0, 0.1) if 40 <= x <= 90 else f_truth(x)", ""]),
+        interval=[40.0, 90.0])
+    with Worker(SandboxConfig(timeout=20)) as w:
+        ev = Evaluator(FindConfig(), lambda f, xs: run_in_process(f, "f_truth", xs),
+                       lambda code, xs: run_code(code, xs))
+        a = asyncio.run(OfflineAgent().solve(BlackBox(rect.code, w), "numeric"))
+        b = asyncio.run(OfflineAgent().solve(BlackBox(cor.code, w), "numeric"))
+        ma, mb = ev.score(rect, a), ev.score(cor, b)
+    assert a.interval is None and ma["solved"] and ma["nmse"] < 1e-9, (a.description, ma)
+    assert b.interval is not None and mb["iou"] > 0.9 and mb["nmse"] < 1e-6, (b.description, mb)

@@ -117,6 +117,28 @@ def probe_numeric(box: Any, n_random: int = 256, seed: int = 0) -> tuple[Any, An
     return x, y
 
 
+def random_only_inside(box: Any, x: Any, y: Any, interval: tuple[float, float, float],
+                       n: int = 12) -> bool:
+    """Whether the interval found is a region of unexpected behaviour: f gives other values
+    when called again on the same inputs there (noise), and the same values elsewhere. A
+    plateau that f keeps (a rectangle, a step) is part of the function instead, and a function
+    that is noisy everywhere has no such region."""
+    import numpy as np
+
+    lo, hi, _ = interval
+    inside = np.flatnonzero((x >= lo) & (x <= hi))
+    outside = np.flatnonzero((x < lo) | (x > hi))
+    pick = [idx[np.linspace(0, len(idx) - 1, min(n, len(idx))).astype(int)]
+            for idx in (inside, outside) if len(idx)]
+    if len(pick) < 2:
+        return False
+    again = [np.array([np.nan if v is None else v for v in box([float(v) for v in x[i]])],
+                      float) for i in pick]
+    moved = [bool((np.abs(a - y[i]) > 1e-9 * (1 + np.abs(y[i]))).any())
+             for a, i in zip(again, pick)]
+    return moved[0] and not moved[1]
+
+
 class OfflineAgent:
     """Program search over the suite's grammars; needs no LLM."""
 
@@ -140,8 +162,13 @@ class OfflineAgent:
         ok = np.isfinite(y)
         if ok.sum() < 20:
             return Answer(failure="the function returned too few finite values", rounds=2)
-        code, desc, interval = numeric_code(solve_numeric(x[ok], y[ok]))
-        return Answer(desc, code, interval, rounds=2)
+        result = solve_numeric(x[ok], y[ok])
+        if result["interval"] is None:
+            code, desc, _ = numeric_code(result)
+            return Answer(desc, code, rounds=2)
+        corrupted = random_only_inside(box, x[ok], y[ok], result["interval"])
+        code, desc, interval = numeric_code(result, code_interval=not corrupted)
+        return Answer(desc, code, interval if corrupted else None, rounds=3)
 
     async def string(self, box: BlackBox) -> Answer:
         from neuroscribe.find.string_search import PROBES, search, steps_answer

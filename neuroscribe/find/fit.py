@@ -236,11 +236,12 @@ def solve_named(x: np.ndarray, y: np.ndarray, ops: list[str], kind: str) -> dict
                          [fit_family(ops[0], x, y)])
 
 
-def numeric_code(result: dict[str, Any], lo_edge: float = -128.0,
-                 hi_edge: float = 128.0) -> tuple[str, str, list[float] | None]:
-    """Python code defining ``f``, a description, and the stated interval. The code is the
-    model everywhere: FIND scores it against the clean function, so a corrupted interval is
-    stated (description and ``interval``), not coded."""
+def numeric_code(result: dict[str, Any], lo_edge: float = -128.0, hi_edge: float = 128.0,
+                 code_interval: bool = False) -> tuple[str, str, list[float] | None]:
+    """Python code defining ``f``, a description, and the stated interval. FIND scores the
+    code against the clean function, so a corrupted interval is stated (description and
+    ``interval``), not coded; ``code_interval``: the interval is part of the function (a
+    plateau f keeps), and the code returns its constant there."""
     fit: Fit = result["fit"]
     expr = fit.expression()
     lines = ["import math", "", "def f(x):", "    x = float(x)"]
@@ -252,6 +253,10 @@ def numeric_code(result: dict[str, Any], lo_edge: float = -128.0,
         hi = hi_edge if hi >= hi_edge - 1 else hi
         interval = [lo, hi]
         desc += f", except for x in [{lo:g}, {hi:g}] where it returns about {c:.3g}"
+        if code_interval:
+            cond = " and ".join([*([f"x >= {float(lo)!r}"] if lo > lo_edge else []),
+                                 *([f"x <= {float(hi)!r}"] if hi < hi_edge else [])]) or "True"
+            lines += [f"    if {cond}:", f"        return {_f(c)}"]
     lines += ["    try:", f"        return {expr}", "    except (ZeroDivisionError, ValueError):",
               "        return 0.0", ""]
     return "\n".join(lines), desc, interval

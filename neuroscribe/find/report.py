@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import statistics
 import time
@@ -213,9 +212,14 @@ def _stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
             d[f"median_{key}" if median else f"mean_{key}"] = (
                 statistics.median(vals) if median else statistics.fmean(vals))
     if var := [r for r in rows if "nmse_var" in r]:
-        d["solved_var"] = sum((r["nmse_var"] or math.inf) < 0.1 for r in var)
-        d["solved_released"] = sum((r.get("nmse_released") or math.inf) < 0.1 for r in var)
+        d["solved_var"] = sum(below(r.get("nmse_var")) for r in var)
+        d["solved_released"] = sum(below(r.get("nmse_released")) for r in var)
     return d
+
+
+def below(v: float | None, threshold: float = 0.1) -> bool:
+    """An NMSE counts as solved below the threshold; None (no score) does not, 0 does."""
+    return v is not None and v < threshold
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
