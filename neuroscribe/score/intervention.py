@@ -6,7 +6,8 @@ stream where the unit writes to it (an MLP neuron's ``down_proj`` column / ``c_p
 the MLP's output; an SAE latent's ``W_dec`` row mapped the same way; a residual unit's basis
 vector at its own module), scaled to several multiples of the unit's typical top activation
 (the median peak of its training top records). Greedy continuations of a few neutral prompts
-are generated, batched, with the KV cache, at scale 0 (unsteered) and at each scale.
+are generated, batched, with the KV cache, unsteered (once: the same for every unit) and at
+each scale.
 
 The judge ranks every continuation by how well it matches the explanation, blind to whether
 it was steered: the cosine of sentence embeddings (MiniLM) to the explanation, less the mean
@@ -176,6 +177,7 @@ class InterventionScorer:
         self.llm_judge: Any = None  # set by the score stage for --intervention-judge llm
         self._saes: dict[str, Any] = {}
         self._dirs: dict[str, Any] = {}
+        self._base: Any = None  # the unsteered continuations: the same for every unit
         from neuroscribe.simulate.core import Embedder
 
         self.embed = Embedder(getattr(cfg, "embed_device", "cpu"))
@@ -196,21 +198,24 @@ class InterventionScorer:
         return self._dirs[hookpoint][unit]
 
     def steered(self, hookpoint: str, unit: int, peak: float) -> dict[str, Any]:
-        """Continuations at scale 0 and every scale, and the KL per scale."""
+        """Continuations unsteered (generated once for all units) and at every scale, and
+        the KL per scale."""
         import torch
 
         model, tok = self._subject.model, self._subject.tokenizer
-        scales = [0.0, *self.scales]
-        prompts = [p for _ in scales for p in self.prompts]
-        alphas = torch.tensor([s * peak for s in scales for _ in self.prompts])
-        ids, first = generate(model, tok, prompts, self.cfg.intervention_tokens,
-                              steering_site(model, hookpoint), self.direction(hookpoint, unit),
-                              alphas)
+        n, new = len(self.prompts), self.cfg.intervention_tokens
+        if self._base is None:
+            ids, first = generate(model, tok, self.prompts, new)
+            self._base = (tok.batch_decode(ids.tolist()), first)
+        base, base_first = self._base
+        prompts = [p for _ in self.scales for p in self.prompts]
+        alphas = torch.tensor([s * peak for s in self.scales for _ in self.prompts])
+        ids, first = generate(model, tok, prompts, new, steering_site(model, hookpoint),
+                              self.direction(hookpoint, unit), alphas)
         texts = tok.batch_decode(ids.tolist())
-        n = len(self.prompts)
-        return {"texts": [texts[i * n:(i + 1) * n] for i in range(len(scales))],
-                "kl": [float(kl(first[:n], first[i * n:(i + 1) * n]).mean())
-                       for i in range(1, len(scales))]}
+        return {"texts": [base, *(texts[i * n:(i + 1) * n] for i in range(len(self.scales)))],
+                "kl": [float(kl(base_first, first[i * n:(i + 1) * n]).mean())
+                       for i in range(len(self.scales))]}
 
     def judge(self, explanation: str, texts: list[str]) -> list[float]:
         """How much closer each text is to the explanation than to the distractors, on
