@@ -129,6 +129,20 @@ def _check(cfg: RecordConfig) -> None:
 
 def record(cfg: RecordConfig, run_dir: Path, resume: bool = False,
            subject: Any = None) -> dict[str, Any]:
+    """Record every unit of the hookpoints (``_record``); under torchrun, in the process
+    group torchrun describes, which is left on the way out (a group never destroyed can
+    abort a rank at exit: "terminate called without an active exception")."""
+    from neuroscribe.record import dist
+
+    ranks = dist.init_ranks(cfg.device)
+    try:
+        return _record(cfg, run_dir, resume, subject, ranks)
+    finally:
+        dist.leave(ranks)
+
+
+def _record(cfg: RecordConfig, run_dir: Path, resume: bool, subject: Any,
+            ranks: Ranks) -> dict[str, Any]:
     """Record every unit of the hookpoints; write ``records/*.safetensors`` and ``record.json``.
 
     Under torchrun the ranks share the shards and rank 0 merges (``dist.py``); with
@@ -140,7 +154,6 @@ def record(cfg: RecordConfig, run_dir: Path, resume: bool = False,
     from neuroscribe.models import capture, load_subject, resolve_hookpoints, run_to_hooks
     from neuroscribe.record import dist
 
-    ranks = dist.init_ranks(cfg.device)
     if claim_stage(run_dir, "record", cfg, resume):
         log.info("record: already complete in %s, skipping", run_dir)
         return json.loads((run_dir / "record.json").read_text())

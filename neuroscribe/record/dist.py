@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 PARTIAL = "record.partial"
+_OWNED: set[bool] = set()  # non-empty while this module's init_ranks owns the process group
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,19 @@ def init_ranks(device: str) -> Ranks:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
+        _OWNED.add(True)
     return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def leave(ranks: Ranks) -> None:
+    """Destroy the process group if ``init_ranks`` made it (a no-op in one process, and for
+    a group the caller made)."""
+    if ranks.world > 1 and _OWNED:
+        import torch.distributed as dist
+
+        _OWNED.clear()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def broadcast(obj: Any, ranks: Ranks) -> Any:
