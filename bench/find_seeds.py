@@ -40,7 +40,7 @@ def pool(runs: list[Path]) -> dict:
             if r.get("variant"):
                 keys.append(f"numeric/variant:{r['variant']}")
             for k in keys:
-                rows[r["agent"]][k].append(r)
+                rows[r["agent"]][k].append({**r, "run": str(run)})
     out = {}
     for agent, groups in rows.items():
         out[agent] = {}
@@ -52,7 +52,37 @@ def pool(runs: list[Path]) -> dict:
                 d["solved_released"] = sum(below(r.get("nmse_released")) for r in rs)
             out[agent][k] = d
     return {"seeds": seeds, "functions_per_seed": counts, "runs": [str(r) for r in runs],
-            "agents": out}
+            "agents": out, "ceiling": ceiling(runs, rows)}
+
+
+def ceiling(runs: list[Path], rows: dict) -> dict:
+    """What any agent can reach: the noise-free function each variant computes (its
+    ``expression``), scored as an answer against the truth. A noised or corrupted square
+    wave, which FIND's generator writes as a sign, fails; so does a constant 0."""
+    import numpy as np
+
+    from neuroscribe.find.eval import nmse
+    from neuroscribe.find.function import eval_points
+
+    x = np.array(eval_points())
+    solvable = set()
+    n = 0
+    for run in runs:
+        for f in json.loads((run / "suite.json").read_text())["functions"]:
+            if "expression" not in f["params"]:
+                continue
+            n += 1
+            ns: dict = {}
+            exec(f["code"], ns)  # noqa: S102 - the suite's own generated code
+            with np.errstate(all="ignore"):
+                seen = np.broadcast_to(np.asarray(eval(f["params"]["expression"],  # noqa: S307
+                                                       {"np": np, "x": x}), complex), x.shape)
+            pred = [float(v.real) if v.imag == 0 and np.isfinite(v.real) else 0.0 for v in seen]
+            if below(nmse([ns["f_truth"](v) for v in x], pred)):
+                solvable.add((str(run), f["id"]))
+    agents = {a: sum(bool(r["solved"]) for r in g.get("numeric/all", [])
+                     if (r["run"], r["id"]) in solvable) for a, g in rows.items()}
+    return {"numeric": n, "solvable": len(solvable), "solved_of_solvable": agents}
 
 
 def table(p: dict) -> str:
@@ -66,6 +96,11 @@ def table(p: dict) -> str:
                      for c in ("solved", "solved_var", "solved_released")]
             lines.append(f"{k:<34}" + "".join(f"{c:>16}" for c in cells))
         lines.append("")
+    c = p.get("ceiling", {})
+    if c:
+        lines.append(f"solvable by any agent (the variant's noise-free function passes): "
+                     f"{c['solvable']}/{c['numeric']}; solved among them: "
+                     + ", ".join(f"{a} {k}" for a, k in c["solved_of_solvable"].items()))
     return "\n".join(lines)
 
 

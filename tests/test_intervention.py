@@ -177,3 +177,20 @@ def test_the_llm_judge_reads_each_continuation_blind_and_in_any_order(
     sent = [t for r in c.backend.requests  # type: ignore[attr-defined]
             for t in re.findall(r"^Example \d+: (.*)$", r.messages[-1][1], flags=re.M)]
     assert len(sent) == 2 * n
+
+
+def test_kl_and_the_embedding_judge_match_hand_computed_values() -> None:
+    import math
+
+    import numpy as np
+
+    p, q = torch.tensor([[0.5, 0.5]]).log(), torch.tensor([[0.9, 0.1]]).log()
+    want = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)  # 0.5108
+    assert float(kl(p, q)[0]) == pytest.approx(want, rel=1e-6)
+    scorer = InterventionScorer(InterventionConfig())
+    vecs = {"E": [1.0, 0.0], "d1": [0.0, 1.0], "d2": [0.6, 0.8], "a": [0.8, 0.6], ".": [0, 1]}
+    scorer.distractors = ["d1", "d2"]
+    scorer.embed = lambda texts: np.array([vecs[t] for t in texts])  # type: ignore[method-assign]
+    # "a": cos to E 0.8, to d1 0.6 and d2 0.96, mean 0.78 -> 0.02; no text -> -2
+    got = scorer.judge("E", ["a", " \ufffd ", ""])
+    assert got[0] == pytest.approx(0.8 - (0.6 + 0.96) / 2) and got[1:] == [-2.0, -2.0]

@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 PARTIAL = "record.partial"
-_OWNED: set[bool] = set()  # non-empty while this module's init_ranks owns the process group
 
 
 @dataclass(frozen=True)
 class Ranks:
     rank: int = 0
     world: int = 1
+    owned: bool = False  # init_ranks made the process group (``leave`` destroys it)
 
     def owns(self, shard: int) -> bool:
         return shard % self.world == self.rank
@@ -50,17 +50,16 @@ def init_ranks(device: str) -> Ranks:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
-        _OWNED.add(True)
+        return Ranks(dist.get_rank(), dist.get_world_size(), owned=True)
     return Ranks(dist.get_rank(), dist.get_world_size())
 
 
 def leave(ranks: Ranks) -> None:
     """Destroy the process group if ``init_ranks`` made it (a no-op in one process, and for
     a group the caller made)."""
-    if ranks.world > 1 and _OWNED:
+    if ranks.owned:
         import torch.distributed as dist
 
-        _OWNED.clear()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -9,26 +9,14 @@ import asyncio
 import random
 from typing import Any
 
-from neuroscribe.llm.client import Request
-from neuroscribe.score.classify import (
-    Example,
-    LLMClassifier,
-    answer_probabilities,
-    classify_messages,
-    parse_answers,
-)
+from neuroscribe.score.classify import Example, LLMClassifier
 
 
 class LLMJudge(LLMClassifier):
     kind = "intervention"
 
     async def _rate(self, explanation: str, texts: list[str]) -> list[float]:
-        batch = [Example((t,), False) for t in texts]
-        resp = await self.client.complete(Request(
-            messages=classify_messages(self.kind, explanation, batch),
-            max_tokens=4 * len(batch) + 16, top_logprobs=5, stage="score"))
-        answers = parse_answers(resp.text, len(batch))
-        probs = answer_probabilities(resp, len(batch))
+        answers, probs = await self._batch(explanation, [Example((t,), False) for t in texts])
         return probs if probs is not None else [float(a) for a in answers]
 
     async def __call__(self, explanation: str, texts: list[str]) -> list[float]:
