@@ -47,6 +47,16 @@ def _best(make: Callable[[np.ndarray], np.ndarray], params: np.ndarray, y: np.nd
     return params[np.argsort(sse)[:k]]
 
 
+def _refined(make: Callable[[np.ndarray], np.ndarray], coarse: np.ndarray, y: np.ndarray,
+             half: float, step: float, ratios: tuple[float, float]) -> np.ndarray:
+    """The best (location, scale) row: the 3 best of ``coarse``, each refined on a fine grid
+    (location within +-``half`` by ``step``, scale times 21 ratios in ``ratios``)."""
+    fine = [np.stack(np.meshgrid(np.arange(a - half, a + half, step),
+                                 b * np.geomspace(*ratios, 21)), -1).reshape(-1, 2)
+            for a, b in _best(make, coarse, y, 3)]
+    return _best(make, np.concatenate(fine), y, 1)
+
+
 def _grid(x: np.ndarray, b: np.ndarray, col: Callable[[np.ndarray, np.ndarray], np.ndarray],
           expr: Callable[[float], str]) -> Columns:
     return col(b[:, None], x[None, :])[:, None, :], [[expr(v)] for v in b]
@@ -125,11 +135,7 @@ def gaussian(x: np.ndarray, y: np.ndarray) -> Columns:
         return np.exp(-(((x - m) / s) ** 2) / 2)[:, None, :]
 
     m, s = np.meshgrid(np.arange(-130, 131, 1.0), np.geomspace(0.4, 60, 30))
-    best = _best(make, np.stack([m.ravel(), s.ravel()], 1), y, 3)
-    fine = [np.stack(np.meshgrid(np.arange(a - 1, a + 1, 0.02),
-                                 b * np.geomspace(0.88, 1.14, 21)), -1).reshape(-1, 2)
-            for a, b in best]
-    best = _best(make, np.concatenate(fine), y, 1)
+    best = _refined(make, np.stack([m.ravel(), s.ravel()], 1), y, 1, 0.02, (0.88, 1.14))
     return make(best), [[f"math.exp(-((x - {_f(a)}) / {_f(b)}) ** 2 / 2)"] for a, b in best]
 
 
@@ -139,11 +145,7 @@ def tanh(x: np.ndarray, y: np.ndarray) -> Columns:
 
     b = np.unique(np.concatenate([np.arange(-128, 129, 1.0), np.arange(-10, 10, 0.1)]))
     bb, ww = np.meshgrid(b, np.geomspace(0.005, 64, 32))
-    best = _best(make, np.stack([bb.ravel(), ww.ravel()], 1), y, 3)
-    fine = [np.stack(np.meshgrid(np.arange(a - 0.5, a + 0.5, 0.01),
-                                 c * np.geomspace(0.8, 1.25, 21)), -1).reshape(-1, 2)
-            for a, c in best]
-    best = _best(make, np.concatenate(fine), y, 1)
+    best = _refined(make, np.stack([bb.ravel(), ww.ravel()], 1), y, 0.5, 0.01, (0.8, 1.25))
     return make(best), [[f"math.tanh({_f(c)} * (x - {_f(a)}))"] for a, c in best]
 
 
