@@ -215,6 +215,45 @@ def test_explain_and_score_read_sae_records(sae_run: dict[str, Any], tmp_path: P
         assert path.parent.parent == run / "explanations"  # one flat folder per hookpoint
 
 
+def test_read_lists_sae_latents_as_sae_encode_computes_them(sae_run: dict[str, Any],
+                                                          tmp_path: Path) -> None:
+    """``neuroscribe read`` on an SAE-latent run: every latent it lists on a token is active
+    there, with the activation that the model's raw activations through ``sae.encode`` give."""
+    import shutil
+
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from neuroscribe.models import load_subject
+    from neuroscribe.read.core import ReadConfig, read_text
+
+    run = tmp_path / "run"
+    shutil.copytree(sae_run["run"], run)
+    explain(ExplainConfig(units="all"), run)
+    rec = json.loads((run / "record.json").read_text())
+    subject = load_subject(rec["config"]["model"])
+    text = "the cat sat on the mat while red birds sang. the blue ships came over the sea!"
+    res = read_text(run, text, ReadConfig(top=1000, quantile=0.5, all_units=True),
+                    subject=subject)
+    tok = AutoTokenizer.from_pretrained(rec["config"]["model"])
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    model = GPT2LMHeadModel.from_pretrained(rec["config"]["model"]).eval()
+    raw: list[torch.Tensor] = []
+    handle = model.get_submodule(HP).register_forward_hook(lambda m, a, out: raw.append(out))
+    with torch.no_grad():
+        model(input_ids=ids)
+        dense = sae_run["sae"].encode(raw[0])[0]  # [T, latents]
+    handle.remove()
+    assert len(res["tokens"]) == dense.shape[0]
+    listed = [(i, u["unit"], u["activation"]) for i, t in enumerate(res["tokens"])
+              for u in t["units"]]
+    assert listed and all(u["hookpoint"] == sae_run["hp"] for t in res["tokens"]
+                          for u in t["units"])
+    for i, u, v in listed:
+        assert float(dense[i, u]) > 0
+        assert v == pytest.approx(float(dense[i, u]), abs=1e-3)
+    assert any(u["explanation"] for t in res["tokens"] for u in t["units"])
+
+
 def test_latent_recorder_matches_unit_recorder_on_dense(tmp_path: Path) -> None:
     """Same data, same seed: the sparse recorder writes what the dense one does (its top
     records aside, which are active contexts only)."""
