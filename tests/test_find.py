@@ -529,3 +529,22 @@ def test_a_plateau_f_keeps_is_coded_and_a_noisy_region_is_stated() -> None:
         ma, mb = ev.score(rect, a), ev.score(cor, b)
     assert a.interval is None and ma["solved"] and ma["nmse"] < 1e-9, (a.description, ma)
     assert b.interval is not None and mb["iou"] > 0.9 and mb["nmse"] < 1e-6, (b.description, mb)
+
+
+@pytest.mark.parametrize("family, make, want", [
+    ("gaussian", lambda x: 2.0 * np.exp(-((x - 10.37) / 7.3) ** 2 / 2), (10.37, 7.3)),
+    ("tanh", lambda x: np.tanh(0.213 * (x + 20.46)), (-20.46, 0.213)),
+])
+def test_location_scale_families_recover_off_grid_parameters(family, make, want) -> None:
+    """The coarse-then-fine search (families._refined) lands within its fine grid's step of
+    a location and a scale that lie on neither grid."""
+    import re
+
+    from neuroscribe.find import families
+
+    x = np.array(eval_points())
+    _, exprs = families.SEARCHED[family](x, make(x))
+    nums = [float(v) for v in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", exprs[0][0])]
+    loc, scale = (nums[0], nums[1]) if family == "gaussian" else (nums[1], nums[0])
+    assert loc == pytest.approx(want[0], abs=0.02)
+    assert scale == pytest.approx(want[1], rel=0.01)

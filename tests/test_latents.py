@@ -58,7 +58,7 @@ def sae_run(tiny_model: Path, corpus_file: Path,
             tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One record of ``HP:sae=FOLDER``, and the dense latents of every context, computed
     directly: the model's raw activations at HP through ``sae.encode``."""
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers import AutoTokenizer
 
     tmp = tmp_path_factory.mktemp("sae-run")
     sae = make_sae(tmp / "sae")
@@ -68,14 +68,23 @@ def sae_run(tiny_model: Path, corpus_file: Path,
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ids = torch.tensor(list(iter_contexts(iter_texts(str(corpus_file)), tok, cfg.ctx_len,
                                           cfg.max_tokens)))
-    model = GPT2LMHeadModel.from_pretrained(tiny_model).eval()
+    dense = encode_directly(tiny_model, ids, sae)  # [contexts, T, latents]
+    return {"run": tmp / "run", "hp": hp, "cfg": cfg, "ids": ids, "dense": dense, "sae": sae}
+
+
+def encode_directly(model_path: Path, ids: torch.Tensor, sae: Sae) -> torch.Tensor:
+    """The latents [B, T, latents] of ids [B, T]: the model's raw activations at HP through
+    ``sae.encode``, without neuroscribe's hooks."""
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(model_path).eval()
     raw: list[torch.Tensor] = []
     handle = model.get_submodule(HP).register_forward_hook(lambda m, a, out: raw.append(out))
     with torch.no_grad():
         model(input_ids=ids)
-        dense = sae.encode(raw[0])  # [contexts, T, latents]
+        dense = sae.encode(raw[0])
     handle.remove()
-    return {"run": tmp / "run", "hp": hp, "cfg": cfg, "ids": ids, "dense": dense, "sae": sae}
+    return dense
 
 
 # --- hookpoint syntax ------------------------------------------------------------------------
@@ -221,8 +230,6 @@ def test_read_lists_sae_latents_as_sae_encode_computes_them(sae_run: dict[str, A
     there, with the activation that the model's raw activations through ``sae.encode`` give."""
     import shutil
 
-    from transformers import AutoTokenizer, GPT2LMHeadModel
-
     from neuroscribe.models import load_subject
     from neuroscribe.read.core import ReadConfig, read_text
 
@@ -234,15 +241,8 @@ def test_read_lists_sae_latents_as_sae_encode_computes_them(sae_run: dict[str, A
     text = "the cat sat on the mat while red birds sang. the blue ships came over the sea!"
     res = read_text(run, text, ReadConfig(top=1000, quantile=0.5, all_units=True),
                     subject=subject)
-    tok = AutoTokenizer.from_pretrained(rec["config"]["model"])
-    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-    model = GPT2LMHeadModel.from_pretrained(rec["config"]["model"]).eval()
-    raw: list[torch.Tensor] = []
-    handle = model.get_submodule(HP).register_forward_hook(lambda m, a, out: raw.append(out))
-    with torch.no_grad():
-        model(input_ids=ids)
-        dense = sae_run["sae"].encode(raw[0])[0]  # [T, latents]
-    handle.remove()
+    ids = torch.tensor([subject.tokenizer(text, add_special_tokens=False)["input_ids"]])
+    dense = encode_directly(Path(rec["config"]["model"]), ids, sae_run["sae"])[0]  # [T, latents]
     assert len(res["tokens"]) == dense.shape[0]
     listed = [(i, u["unit"], u["activation"]) for i, t in enumerate(res["tokens"])
               for u in t["units"]]
