@@ -97,11 +97,9 @@ def probe_numeric(box: Any, n_random: int = 256, seed: int = 0) -> tuple[Any, An
     f jumps most, to place the ends of rectangles, steps and corrupted intervals."""
     import numpy as np
 
+    from neuroscribe.find.repeat import caller
 
-    def call(xs: Any) -> Any:
-        return np.array([np.nan if v is None else v for v in box([float(v) for v in xs])],
-                        float)
-
+    call = caller(box)
     rng = np.random.default_rng(seed)
     x = np.sort(np.concatenate([np.arange(-128, 128, 0.5) + 0.25,
                                 rng.uniform(-128, 128, n_random)]))
@@ -115,28 +113,6 @@ def probe_numeric(box: Any, n_random: int = 256, seed: int = 0) -> tuple[Any, An
         order = np.argsort(x)
         x, y = x[order], y[order]
     return x, y
-
-
-def random_only_inside(box: Any, x: Any, y: Any, interval: tuple[float, float, float],
-                       n: int = 12) -> bool:
-    """Whether the interval found is a region of unexpected behaviour: f gives other values
-    when called again on the same inputs there (noise), and the same values elsewhere. A
-    plateau that f keeps (a rectangle, a step) is part of the function instead, and a function
-    that is noisy everywhere has no such region."""
-    import numpy as np
-
-    lo, hi, _ = interval
-    inside = np.flatnonzero((x >= lo) & (x <= hi))
-    outside = np.flatnonzero((x < lo) | (x > hi))
-    pick = [idx[np.linspace(0, len(idx) - 1, min(n, len(idx))).astype(int)]
-            for idx in (inside, outside) if len(idx)]
-    if len(pick) < 2:
-        return False
-    again = [np.array([np.nan if v is None else v for v in box([float(v) for v in x[i]])],
-                      float) for i in pick]
-    moved = [bool((np.abs(a - y[i]) > 1e-9 * (1 + np.abs(y[i]))).any())
-             for a, i in zip(again, pick)]
-    return moved[0] and not moved[1]
 
 
 class OfflineAgent:
@@ -156,19 +132,21 @@ class OfflineAgent:
     async def numeric(self, box: BlackBox) -> Answer:
         import numpy as np
 
-        from neuroscribe.find.fit import numeric_code, solve_numeric
+        from neuroscribe.find.fit import fit_model, numeric_code, solve_numeric
+        from neuroscribe.find.repeat import caller, repeat
 
         x, y = probe_numeric(box)
-        ok = np.isfinite(y)
+        seen = repeat(caller(box), x, y)  # noise everywhere, a corrupted region, or neither
+        ok = np.isfinite(seen.y)
         if ok.sum() < 20:
             return Answer(failure="the function returned too few finite values", rounds=2)
-        result = solve_numeric(x[ok], y[ok])
-        if result["interval"] is None:
-            code, desc, _ = numeric_code(result)
-            return Answer(desc, code, rounds=2)
-        corrupted = random_only_inside(box, x[ok], y[ok], result["interval"])
-        code, desc, interval = numeric_code(result, code_interval=not corrupted)
-        return Answer(desc, code, interval if corrupted else None, rounds=3)
+        if seen.region is None:  # a plateau f keeps (noisy or not) is part of the function
+            code, desc, _ = numeric_code(solve_numeric(seen.x[ok], seen.y[ok]),
+                                         code_interval=True)
+            return Answer(desc + seen.describe(), code, rounds=3)
+        fit, kind = fit_model(seen.x[ok], seen.y[ok])  # outside the corrupted region
+        code, desc, interval = numeric_code({"fit": fit, "kind": kind, "interval": seen.region})
+        return Answer(desc, code, interval, rounds=3)
 
     async def string(self, box: BlackBox) -> Answer:
         from neuroscribe.find.string_search import PROBES, search, steps_answer

@@ -12,7 +12,7 @@ would not fit in memory.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -95,19 +95,60 @@ def _waves(x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     return lambda w: np.stack([np.cos(w[:, None] * x), np.sin(w[:, None] * x)], 1)
 
 
+def _phasors(x: np.ndarray, w: np.ndarray, block: int = 64) -> Iterator[np.ndarray]:
+    """e^{i w x} for every ``w``, a chunk of rows at a time. On an evenly spaced ``w`` each
+    row is e^{i w0 x} * e^{i j dw x}: one exponential per 64 rows, the rest products."""
+    dw = w[1] - w[0] if len(w) > 1 else 0.0
+    if len(w) < 2 * block or not np.allclose(np.diff(w), dw, rtol=0, atol=1e-12):
+        for i in range(0, len(w), 1024):
+            yield np.exp(1j * np.outer(w[i:i + 1024], x))
+        return
+    step = np.exp(1j * np.outer(np.arange(block) * dw, x))
+    starts = np.exp(1j * np.outer(w[::block], x))
+    for i in range(0, len(starts), 16):
+        rows = (starts[i:i + 16, None, :] * step[None]).reshape(-1, len(x))
+        yield rows[:len(w) - i * block]
+
+
+def wave_sse(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``sse_all`` of the columns cos(w x), sin(w x) for every ``w``, from three sums per
+    frequency (as Lomb-Scargle): Z1 = sum e^{iwx}, Z2 = sum e^{2iwx} and Zy = sum y e^{iwx}
+    give the 2x2 normal equations in closed form, so no (T, 2, n) array is built."""
+    n, yc = len(x), y - y.mean()
+    z1, z2, zy = (np.concatenate(z) for z in zip(*(
+        (e.sum(1), np.einsum("ij,ij->i", e, e), e @ yc) for e in _phasors(x, w))))
+    cc = (n + z2.real) / 2 - z1.real ** 2 / n
+    ss = (n - z2.real) / 2 - z1.imag ** 2 / n
+    cs = z2.imag / 2 - z1.real * z1.imag / n
+    cc, ss = cc * (1 + 1e-9) + 1e-12, ss * (1 + 1e-9) + 1e-12  # sse_all's ridge
+    bc, bs = zy.real, zy.imag
+    with np.errstate(all="ignore"):
+        out = yc @ yc - (ss * bc ** 2 - 2 * cs * bc * bs + cc * bs ** 2) / (cc * ss - cs ** 2)
+    return np.where(np.isfinite(out), out, np.inf)
+
+
+_FREQ: dict[bytes, float] = {}
+
+
 def frequency(x: np.ndarray, y: np.ndarray) -> float:
     """The w of the best a cos(w x) + b sin(w x): scanned on [0.002, 64] (FIND's sines reach
-    2 pi / 0.1 rad per unit; irregular probes keep them from aliasing), then refined."""
+    2 pi / 0.1 rad per unit; irregular probes keep them from aliasing), then refined. Cached
+    for the last few point sets (the sine and the square wave both start from it)."""
+    key = x.tobytes() + y.tobytes()
+    if key in _FREQ:
+        return _FREQ[key]
     grid = np.arange(0.002, 64, 0.002)
-    make = _waves(x)
-    sse = np.concatenate([sse_all(make(grid[i:i + 2048]), y) for i in range(0, len(grid), 2048)])
+    sse = wave_sse(x, y, grid)
     lo = sse.min() + 1e-3 * (np.median(sse) - sse.min())  # aliases of regular probes tie:
     seeds = np.concatenate([grid[np.argsort(sse)[:4]], grid[sse <= lo][:1]])  # keep the lowest
     cands = [np.arange(v - 0.003, v + 0.003, 0.00005) for v in seeds]
-    fine = [(c[c > 0], sse_all(make(c[c > 0]), y)) for c in cands]
+    fine = [(c[c > 0], wave_sse(x, y, c[c > 0])) for c in cands]
     top = min(e.min() for _, e in fine)
     tol = top + 1e-3 * (np.median(sse) - top) + 1e-12
-    return float(min(c[np.argmin(e)] for c, e in fine if e.min() <= tol))
+    if len(_FREQ) > 16:
+        _FREQ.clear()
+    _FREQ[key] = float(min(c[np.argmin(e)] for c, e in fine if e.min() <= tol))
+    return _FREQ[key]
 
 
 def cos(x: np.ndarray, y: np.ndarray) -> Columns:
@@ -170,28 +211,45 @@ def rectangle(x: np.ndarray, y: np.ndarray) -> Columns:
     return make(best), [[f"(1.0 if {_f(a)} <= x <= {_f(b)} else 0.0)"] for a, b in best]
 
 
-def rational(x: np.ndarray, y: np.ndarray) -> Columns:
+def _rational_fits(t: np.ndarray, y: np.ndarray, dp: int, dq: int, iters: int
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Coefficients (p, q) of P / Q: the smallest singular vector of [T_p, -y T_q] (columns
+    scaled), then ``iters`` Sanathanan-Koerner steps, each with the rows divided by the last
+    |Q(t)|, which turns the linear residual P - yQ into nearly the true one, P / Q - y."""
+    a = np.concatenate([t[:, None] ** np.arange(dp + 1),
+                        -(y[:, None] * t[:, None] ** np.arange(dq + 1))], 1)
+    w = np.ones(len(t))
+    for _ in range(iters + 1):
+        aw = a * w[:, None]
+        scale = np.linalg.norm(aw, axis=0) + 1e-300
+        try:
+            v = np.linalg.svd(aw / scale, full_matrices=False)[2][-1] / scale
+        except np.linalg.LinAlgError:
+            return
+        yield v[:dp + 1], v[dp + 1:]
+        with np.errstate(all="ignore"):
+            q = np.abs(np.polyval(v[dp + 1:][::-1], t))
+        if not np.isfinite(q).all() or q.max() <= 0:
+            return
+        w = 1 / np.maximum(q, 1e-6 * q.max())
+
+
+def rational(x: np.ndarray, y: np.ndarray, iters: int = 4) -> Columns:
     """P(x) / Q(x), deg P < deg Q <= 5: for each pair of degrees, the coefficients that
-    minimise |P(x) - y Q(x)| (the smallest singular vector, on x / 128), as one column."""
+    minimise |P(x) - y Q(x)| on x / 128, refined by reweighting (``_rational_fits``); the
+    fit of least squared error, as one column."""
     t = x / 128
     best: tuple[float, np.ndarray, str] | None = None
     for dq in range(1, 6):
         for dp in range(dq):
-            a = np.concatenate([t[:, None] ** np.arange(dp + 1), -(y[:, None] *
-                                t[:, None] ** np.arange(dq + 1))], 1)
-            scale = np.linalg.norm(a, axis=0) + 1e-300
-            try:
-                v = np.linalg.svd(a / scale, full_matrices=False)[2][-1] / scale
-            except np.linalg.LinAlgError:
-                continue
-            p, q = v[:dp + 1], v[dp + 1:]
-            with np.errstate(all="ignore"):
-                pred = np.polyval(p[::-1], t) / np.polyval(q[::-1], t)
-            err = float(((pred - y) ** 2).sum())
-            if np.isfinite(err) and (best is None or err < best[0]):
-                poly = [" + ".join(f"{_f(c)} * (x / 128) ** {k}" for k, c in enumerate(cs))
-                        for cs in (p, q)]
-                best = (err, pred, f"({poly[0]}) / ({poly[1]})")
+            for p, q in _rational_fits(t, y, dp, dq, iters):
+                with np.errstate(all="ignore"):
+                    pred = np.polyval(p[::-1], t) / np.polyval(q[::-1], t)
+                err = float(((pred - y) ** 2).sum())
+                if np.isfinite(err) and (best is None or err < best[0]):
+                    poly = [" + ".join(f"{_f(c)} * (x / 128) ** {k}" for k, c in enumerate(cs))
+                            for cs in (p, q)]
+                    best = (err, pred, f"({poly[0]}) / ({poly[1]})")
     if best is None:
         return np.zeros((1, 1, len(x))), [["0.0"]]
     return best[1][None, None, :], [[best[2]]]
