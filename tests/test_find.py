@@ -43,6 +43,22 @@ def run_in_process(fn: FindFunction, entry: str, xs: list[float]) -> list[float]
     return [ns[entry](x) for x in xs]  # type: ignore[operator]
 
 
+def test_a_saved_suite_run_records_the_suite_s_own_config(tmp_path: Path) -> None:
+    """``--suite FILE`` recorded the command line's defaults (seed 0, 60 numeric) as the
+    run's suite config; it is the file's own config."""
+    from neuroscribe.find.cli import bench_find
+
+    cfg = SuiteConfig(seed=7, n_numeric=1, n_string=0, n_entity=0, puzzles="")
+    save_suite([f for f in make_suite(cfg) if f.category == "numeric"][:1], cfg,
+               tmp_path / "one.json")
+    out = tmp_path / "run"
+    bench_find(FindConfig(out=str(out), suite=str(tmp_path / "one.json")), SuiteConfig(),
+               LLMConfig())
+    assert json.loads((out / "config.json").read_text())["suite"]["seed"] == 7
+    assert json.loads((out / "suite.json").read_text())["config"]["seed"] == 7
+    assert json.loads((out / "find.json").read_text())["config"]["suite"]["seed"] == 7
+
+
 def test_suite_is_reproducible_sized_and_round_trips(tmp_path: Path) -> None:
     a, b = make_suite(SMALL), make_suite(SMALL)
     assert a == b

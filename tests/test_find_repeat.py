@@ -131,3 +131,15 @@ def test_rational_fit_reweights_so_noise_far_out_does_not_swamp_the_poles() -> N
         pred = c0 + c1 * np.array([g(v) for v in e])
         nmse[iters] = float(np.mean((pred - f(e)) ** 2) / np.mean(f(e) ** 2))
     assert nmse[4] < 0.01 < 1.0 < nmse[0], nmse
+
+
+def test_integer_steps_and_gap_inputs_on_hand_computed_cases() -> None:
+    from neuroscribe.find.repeat import gap_inputs, integer_steps
+
+    a = np.array([1.0, 2.5, 3.0, np.nan])
+    assert integer_steps(a, np.array([2.0, 2.5, 1.0, 7.0]))  # steps 1 and 2; NaN skipped
+    assert not integer_steps(a, np.array([1.5, 2.5, 1.0, 7.0]))  # a step of 0.5
+    assert not integer_steps(a, a.copy())  # nothing moved
+    x = np.array([0.0, 1.0, 2.0, 3.0])
+    got = gap_inputs(x, np.array([0.0, 0.0, 5.0, 6.0]), gaps=2, n=3)
+    assert np.allclose(got, [1.25, 1.5, 1.75, 2.25, 2.5, 2.75])  # the jump of 5, then of 1

@@ -97,18 +97,15 @@ def probe_numeric(box: Any, n_random: int = 256, seed: int = 0) -> tuple[Any, An
     f jumps most, to place the ends of rectangles, steps and corrupted intervals."""
     import numpy as np
 
-    from neuroscribe.find.repeat import caller
+    from neuroscribe.find.repeat import caller, gap_inputs
 
     call = caller(box)
     rng = np.random.default_rng(seed)
     x = np.sort(np.concatenate([np.arange(-128, 128, 0.5) + 0.25,
                                 rng.uniform(-128, 128, n_random)]))
     y = call(x)
-    ok = np.isfinite(y)
-    if ok.sum() >= 20:
-        xo, yo = x[ok], y[ok]
-        gaps = np.argsort(np.abs(np.diff(yo)))[::-1][:8]
-        more = np.concatenate([np.linspace(xo[i], xo[i + 1], 14)[1:-1] for i in gaps])
+    if np.isfinite(y).sum() >= 20:
+        more = gap_inputs(x, y)
         x, y = np.concatenate([x, more]), np.concatenate([y, call(more)])
         order = np.argsort(x)
         x, y = x[order], y[order]

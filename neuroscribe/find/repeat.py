@@ -33,6 +33,7 @@ def caller(box: Any) -> Call:
 
 
 def changed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per input, whether two calls disagree (beyond rounding, or finite against not)."""
     both = np.isfinite(a) & np.isfinite(b)
     return np.where(both, np.abs(a - b) > 1e-9 * (1 + np.abs(a)), np.isfinite(a) != np.isfinite(b))
 
@@ -47,8 +48,7 @@ class Repeated:
     kind: str  # deterministic, noise, integer_noise, region
     x: np.ndarray
     y: np.ndarray
-    sd: float = 0.0
-    mean: float = 0.0
+    sd: float = 0.0  # of one call's noise; integer noise's mean (subtracted) is sd ** 2
     region: tuple[float, float, float] | None = None
 
     def describe(self) -> str:
@@ -56,17 +56,26 @@ class Repeated:
             return f"; plus noise drawn at every call (sd about {self.sd:.2g})"
         if self.kind == "integer_noise":
             return (f"; plus integer-valued noise drawn at every call (Poisson-like: mean "
-                    f"about {self.mean:.2g}, equal to its variance)")
+                    f"about {self.sd ** 2:.2g}, equal to its variance)")
         return ""
 
 
 def integer_steps(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two calls differ, where they differ, by whole numbers only."""
-    d = (a - b)[np.isfinite(a) & np.isfinite(b)]
-    moved = np.abs(d) > 1e-9 * (1 + np.abs(a[np.isfinite(a) & np.isfinite(b)]))
-    return bool(moved.any()) and bool(
-        (np.abs(d - np.round(d)) <= 1e-6 * (1 + np.abs(a[np.isfinite(a) & np.isfinite(b)])))
-        .all())
+    """Whether two calls differ, and only ever by whole numbers."""
+    both = np.isfinite(a) & np.isfinite(b)
+    d, tol = (a - b)[both], 1e-6 * (1 + np.abs(a[both]))
+    return bool((np.abs(d) > tol).any() and (np.abs(d - np.round(d)) <= tol).all())
+
+
+def gap_inputs(x: np.ndarray, y: np.ndarray, gaps: int = 8, n: int = 12) -> np.ndarray:
+    """``n`` inputs inside each of the ``gaps`` largest jumps of ``y`` between neighbouring
+    finite points: where the ends of rectangles, steps and regions lie."""
+    ok = np.isfinite(y)
+    xo, yo = x[ok], y[ok]
+    if len(xo) < 2:
+        return np.zeros(0)
+    idx = np.argsort(np.abs(np.diff(yo)))[::-1][:gaps]
+    return np.concatenate([np.linspace(xo[i], xo[i + 1], n + 2)[1:-1] for i in idx])
 
 
 def average(call: Call, x: np.ndarray, first: list[np.ndarray], n_calls: int) -> np.ndarray:
@@ -82,17 +91,14 @@ def mean_of(ys: np.ndarray) -> tuple[np.ndarray, float]:
         return np.nanmean(ys, axis=0), float(np.nanmean(np.nanvar(ys, axis=0, ddof=1)))
 
 
-def densified(call: Call, x: np.ndarray, mean: np.ndarray, n_calls: int, gaps: int = 8,
-              n: int = 12) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` more inputs inside each of the ``gaps`` largest jumps of the averaged function,
-    each averaged over ``n_calls`` calls too, merged in order: the first probe placed its
-    extra inputs at the jumps of one noisy call, which are mostly the noise's."""
-    ok = np.isfinite(mean)
-    xo, yo = x[ok], mean[ok]
-    if len(xo) < 2:
+def densified(call: Call, x: np.ndarray, mean: np.ndarray, n_calls: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """``gap_inputs`` of the averaged function, each averaged over ``n_calls`` calls too,
+    merged in order: the first probe placed its extra inputs at the jumps of one noisy call,
+    which are mostly the noise's."""
+    more = gap_inputs(x, mean)
+    if not len(more):
         return x, mean
-    idx = np.argsort(np.abs(np.diff(yo)))[::-1][:gaps]
-    more = np.concatenate([np.linspace(xo[i], xo[i + 1], n + 2)[1:-1] for i in idx])
     extra, _ = mean_of(average(call, more, [], n_calls))
     xs, ys = np.concatenate([x, more]), np.concatenate([mean, extra])
     order = np.argsort(xs, kind="stable")
@@ -138,7 +144,7 @@ def repeat(call: Call, x: np.ndarray, y: np.ndarray, n_calls: int | None = None,
         mean, var = mean_of(average(call, x, [y, again], n))
         xs, mean = densified(call, x, mean, n)
         if integer:
-            return Repeated("integer_noise", xs, mean - var, np.sqrt(var), var)
+            return Repeated("integer_noise", xs, mean - var, np.sqrt(var))
         return Repeated("noise", xs, mean, np.sqrt(var))
     lo, hi = region_ends(call, x, moved)
     inside = (x >= lo) & (x <= hi)

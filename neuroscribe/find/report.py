@@ -17,7 +17,13 @@ from neuroscribe.errors import UserError
 from neuroscribe.find.agents import Answer, BlackBox, FunctionFailure, OfflineAgent
 from neuroscribe.find.eval import Evaluator, FindConfig
 from neuroscribe.find.function import FindFunction
-from neuroscribe.find.suite import SuiteConfig, load_suite, make_suite, save_suite
+from neuroscribe.find.suite import (
+    SuiteConfig,
+    load_suite,
+    make_suite,
+    save_suite,
+    saved_config,
+)
 from neuroscribe.runs import environment, write_json
 from neuroscribe.sandbox import SandboxConfig, Worker, run_code
 
@@ -124,6 +130,8 @@ async def solve_one(agent: Any, fn: FindFunction, worker: Worker, cfg: FindConfi
 async def run_bench(cfg: FindConfig, suite_cfg: SuiteConfig, llm_cfg: Any,
                     resume: bool, rescore: bool = False) -> dict[str, Any]:
     out = Path(cfg.out)
+    if cfg.suite and not cfg.suite.startswith("find:"):  # the saved suite's own seed and sizes
+        suite_cfg = saved_config(Path(cfg.suite)) or suite_cfg
     config = {"find": dataclasses.asdict(cfg), "suite": dataclasses.asdict(suite_cfg),
               "llm": dataclasses.asdict(llm_cfg)}
     if (out / "find.json").exists() and not resume:

@@ -117,6 +117,12 @@ def save_suite(fns: list[FindFunction], cfg: SuiteConfig, path: Path) -> None:
     write_json(path, {"config": asdict(cfg), "functions": [asdict(f) for f in fns]})
 
 
+def saved_config(path: Path) -> SuiteConfig | None:
+    """The config a saved suite.json was made with (None for a file without one)."""
+    cfg = json.loads(path.read_text()).get("config") if path.is_file() else None
+    return SuiteConfig(**cfg) if isinstance(cfg, dict) else None
+
+
 def load_suite(path: Path) -> list[FindFunction]:
     if not path.is_file():
         raise UserError(f"suite file not found: {path}")
