@@ -16,6 +16,7 @@ nothing is asserted.
 
     python bench/record.py                      # default corpus, layer 3, 40960 tokens
     python bench/record.py --max-tokens 102400 --repeats 3 --out /tmp/record.json
+    python bench/record.py --dtype bfloat16 --out bench/results/record-bf16.json
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=4,
                    help="passes over the batches (even: each batch goes first equally often)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="the subject's dtype (as for neuroscribe record)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the instrumented pass")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -66,7 +69,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.cfg = RecordConfig(model=args.model, hookpoints=args.hookpoint, corpus=args.corpus,
                                 max_tokens=args.max_tokens, ctx_len=args.ctx_len,
-                                batch_size=args.batch_size, seed=args.seed)
+                                batch_size=args.batch_size, seed=args.seed, dtype=args.dtype)
         t0 = time.perf_counter()
         self.subject = load_subject(self.cfg.model, self.cfg.device, self.cfg.dtype)
         self.load_seconds = time.perf_counter() - t0
@@ -249,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
                    "units": {hp: r.n_units for hp, r in bench.recorders.items()},
                    "max_tokens": args.max_tokens, "ctx_len": args.ctx_len,
                    "batch_size": args.batch_size, "repeats": args.repeats, "seed": args.seed,
+                   "dtype": args.dtype,
                    "n_top": bench.cfg.n_top, "n_random": bench.cfg.n_random,
                    "n_quantile": bench.cfg.n_quantile,
                    "quantile_warmup": bench.cfg.quantile_warmup,

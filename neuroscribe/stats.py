@@ -97,13 +97,15 @@ class TopK:
         self.bank: list[Any] = []  # token batches [B, T] (int32), rows numbered in order
         self.bank_rows, self.prune_at = 0, self.BANK_MIN
 
-    def update(self, keys: Any, acts: Any, tokens: Any, ctx: Any) -> None:
+    def update(self, keys: Any, acts: Any, tokens: Any, ctx: Any, acts_t: Any = None) -> None:
         """keys [B, U], acts [B, T, U], tokens [B, T], ctx [B] (one group)."""
-        self.update_rows(keys.T, acts, tokens, ctx)
+        self.update_rows(keys.T, acts, tokens, ctx, acts_t)
 
-    def update_rows(self, keys: Any, acts: Any, tokens: Any, ctx: Any) -> None:
+    def update_rows(self, keys: Any, acts: Any, tokens: Any, ctx: Any,
+                    acts_t: Any = None) -> None:
         """keys [rows, B]: row ``g * U + u`` keys the batch's contexts for group g, unit u
-        (``EMPTY``: not a candidate)."""
+        (``EMPTY``: not a candidate). ``acts_t``: acts as [B, U, T], contiguous, if the caller
+        has it (a batch where most slots change: rows are copied instead of strided columns)."""
         import torch
 
         if self.k == 0:
@@ -132,7 +134,11 @@ class TopK:
         self.src.view(-1)[slot] = new_b + self.bank_rows
         self.bank.append(tokens.to(torch.int32, copy=True))
         self.bank_rows += len(tokens)
-        new_acts = acts[new_b, :, new_r % self.n_units]  # the one strided gather
+        if acts_t is not None:
+            new_acts = acts_t.view(-1, self.ctx_len).index_select(
+                0, new_b * self.n_units + new_r % self.n_units)
+        else:
+            new_acts = acts[new_b, :, new_r % self.n_units]  # the one strided gather
         self.acts.view(-1, self.ctx_len).index_copy_(0, slot, new_acts.to(self.acts.dtype))
         if self.bank_rows > self.prune_at:
             self._prune_bank()
@@ -145,15 +151,18 @@ class TopK:
         self.bank_rows, self.prune_at = len(used), max(self.BANK_MIN, 2 * len(used))
         self.src = torch.where(self.src >= 0, torch.searchsorted(used, self.src), -1)
 
-    def state(self) -> dict[str, Any]:
+    def state(self, copy: bool = True) -> dict[str, Any]:
         """The store as plain tensors (keys, ctx, acts, tokens per slot; empty slots zeroed),
-        for ``merge_states``."""
+        for ``merge_states``. ``copy=False``: the store's own tensors where no slot is empty,
+        for a merge that reads them at once (``merge_states`` copies what it keeps)."""
         import torch
 
         table = torch.cat([torch.zeros((1, self.ctx_len), dtype=torch.int32), *self.bank])
         empty = self.keys <= VACANT
         tokens = table.index_select(0, self.src.reshape(-1) + 1).view(*self.keys.shape,
                                                                        self.ctx_len)
+        if not copy and not empty.any():
+            return {"keys": self.keys, "ctx": self.ctx, "acts": self.acts, "tokens": tokens}
         return {"keys": self.keys.masked_fill(empty, EMPTY), "ctx": self.ctx.masked_fill(empty, -1),
                 "acts": self.acts.masked_fill(empty[..., None], 0.0),
                 "tokens": tokens.masked_fill(empty[..., None], 0)}
@@ -169,14 +178,25 @@ class TopK:
 def merge_states(states: list[dict[str, Any]], k: int) -> dict[str, Any]:
     """The ``TopK.state`` of the store that saw every context the given stores saw, sorted
     best first (empty slots last, zeroed)."""
+    return gather_slots(*merge_order(states, k))
+
+
+def merge_order(states: list[dict[str, Any]], k: int) -> tuple[dict[str, Any], Any]:
+    """The given states side by side, and each row's best k slots among them, best first
+    (``gather_slots`` takes them: the big tensors are copied once)."""
     import torch
 
-    cat = {name: torch.cat([s[name] for s in states], dim=1) for name in states[0]}
+    cat = {name: states[0][name] if len(states) == 1 else
+           torch.cat([s[name] for s in states], dim=1) for name in states[0]}
     best = cat["keys"].topk(min(k, cat["keys"].shape[1]), dim=1).indices
-    best = best.gather(1, cat["keys"].gather(1, best).argsort(dim=1, descending=True))
+    return cat, best.gather(1, cat["keys"].gather(1, best).argsort(dim=1, descending=True))
+
+
+def gather_slots(cat: dict[str, Any], order: Any) -> dict[str, Any]:
+    """The slots ``order`` [rows, j] picks from each tensor of a state; empty ones get ctx -1."""
     out = {}
     for name, t in cat.items():
-        out[name] = take_slots(t, best) if t.dim() == 3 else t.gather(1, best)
+        out[name] = take_slots(t, order) if t.dim() == 3 else t.gather(1, order)
     empty = out["keys"] == EMPTY  # several empty slots: which ones is immaterial, all zero
     out["ctx"] = out["ctx"].masked_fill(empty, -1)
     return out
@@ -213,6 +233,21 @@ def scratch(bufs: dict[str, Any], name: str, shape: Any, dtype: Any) -> Any:
     return buf[:n].view(shape)
 
 
+def quantiles(x: Any, qs: tuple[float, ...]) -> Any:
+    """``torch.quantile(x.double(), qs, dim=1).T`` (linear interpolation) of x [R, N], the
+    same values: rows sorted in x's own dtype (converting is exact and keeps the order), the
+    two neighbours of each quantile interpolated in float64."""
+    import torch
+
+    n = x.shape[1]
+    v = x.sort(dim=1).values
+    pos = torch.tensor(qs, dtype=torch.float64) * (n - 1)
+    lo = pos.floor().long()
+    hi = pos.ceil().long()
+    a, b = v[:, lo].double(), v[:, hi].double()
+    return torch.lerp(a, b, (pos - lo).expand_as(a))
+
+
 def bin_keys(boundaries: Any, ctx_max: Any, keys: Any) -> Any:
     """Keys [bins * U, B] for a grouped ``TopK`` (row ``g * U + u``): each context's key in
     the row of its bin, ``EMPTY`` in the others.
@@ -231,13 +266,15 @@ def bin_keys(boundaries: Any, ctx_max: Any, keys: Any) -> Any:
 
 
 BLOCK = 1 << 19  # elements per block of Moments.batch: 4 MiB as float64
+BLOCK32 = 1 << 22  # elements per block of the float32 path (16 MiB): few, large ops (see _batch32)
 
 
 class Moments:
     """Streaming mean, variance, skewness and kurtosis per unit (Pebay's pairwise update).
 
-    Each batch's central sums are taken in float64 torch (``batch``), then merged into the
-    running float64 state (``merge``); ``update`` does both.
+    Each batch's central sums are taken in torch (``batch``), then merged into the running
+    float64 state (``merge``); ``update`` does both. A float32 batch is summed in float32 about
+    a shift near its mean (``_batch32``, one pass over the batch), any other in float64.
     """
 
     def __init__(self, n_units: int) -> None:
@@ -258,6 +295,10 @@ class Moments:
         import torch
 
         x = torch.as_tensor(x)
+        if x.dtype == torch.float32 and len(x):
+            sums = self._batch32(x)
+            if sums is not None:
+                return sums
         nb, n_units = x.shape
         blocks = x.split(max(1, BLOCK // max(n_units, 1)))
         mb = torch.zeros(n_units, dtype=torch.float64)
@@ -273,6 +314,43 @@ class Moments:
             sums[2] += d2.mul_(d2).sum(0)
         m2b, m3b, m4b = sums.numpy()
         return nb, mb.numpy(), m2b, m3b, m4b
+
+    def _batch32(self, x: Any) -> tuple[int, np.ndarray, np.ndarray, np.ndarray,
+                                        np.ndarray] | None:
+        """``batch`` of a float32 x [N, U] in one pass: per block of rows, float32 sums of the
+        powers of y = x - K, K a float32 shift per unit (the running mean; on the first batch,
+        the first rows' median, an actual value), added up in float64 and made central there.
+
+        x - K is exact wherever x is within a factor of 2 of K (Sterbenz), so a unit far from
+        zero keeps its spread and a constant unit has exactly zero spread; what is lost is the
+        float32 rounding of sums over one block of rows (relative ~1e-7). None when a power
+        overflowed float32 with the mean finite: the float64 path takes that batch.
+
+        Blocks are large (BLOCK32): between forward passes each op pays a fixed start-up cost
+        on the thread pool, so a few whole-batch ops beat many cache-sized ones there
+        (bench/record.py: ~3.6 against ~8 ms per 2048 x 1536 batch), though not in a loop.
+        """
+        import torch
+
+        nb, n_units = x.shape
+        shift = torch.from_numpy(self.mean).float() if self.n else x[:64].median(0).values
+        s = torch.zeros((4, n_units), dtype=torch.float64)
+        for c in x.split(max(1, BLOCK32 // max(n_units, 1))):
+            y = torch.sub(c, shift, out=scratch(self._bufs, "y", c.shape, torch.float32))
+            y2 = torch.mul(y, y, out=scratch(self._bufs, "y2", c.shape, torch.float32))
+            s[0] += y.sum(0)
+            s[1] += y2.sum(0)
+            s[2] += y.mul_(y2).sum(0)
+            s[3] += y2.mul_(y2).sum(0)
+        s1, s2, s3, s4 = s.numpy()
+        if np.isfinite(s1).all() and not np.isfinite(s[1:].numpy()).all():
+            return None
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf: the caller's error
+            mu = s1 / nb  # the batch mean's offset from the shift
+            m2 = s2 - s1 * mu
+            m3 = s3 - 3 * mu * s2 + 2 * nb * mu**3
+            m4 = s4 - 4 * mu * s3 + 6 * mu**2 * s2 - 3 * nb * mu**4
+        return nb, shift.double().numpy() + mu, np.maximum(m2, 0.0), m3, np.maximum(m4, 0.0)
 
     def merge(self, nb: int, mb: np.ndarray, m2b: np.ndarray, m3b: np.ndarray,
               m4b: np.ndarray) -> None:

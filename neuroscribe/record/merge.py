@@ -13,7 +13,15 @@ from typing import Any
 
 import numpy as np
 
-from neuroscribe.stats import QUANTILES, Moments, merge_states, split_groups, take_slots
+from neuroscribe.stats import (
+    EMPTY,
+    QUANTILES,
+    Moments,
+    gather_slots,
+    merge_order,
+    merge_states,
+    split_groups,
+)
 
 N_BINS = len(QUANTILES) - 1
 
@@ -31,20 +39,24 @@ def merge_moments(states: list[dict[str, Any]], n_units: int) -> Moments:
     return total
 
 
-def pick_random(rnd: dict[str, Any], top_ctx: Any, n_random: int) -> dict[str, Any]:
-    """The random sample: the best-keyed ``n_random`` that are not top contexts of the unit
-    (the random store keeps ``n_top`` more for that)."""
+def pick_random(states: list[dict[str, Any]], k: int, top_ctx: Any,
+                n_random: int) -> dict[str, Any]:
+    """The random sample: of the merged best-keyed ``k`` (``n_random + n_top``), the first
+    ``n_random`` that are not top contexts of the unit (the random store keeps ``n_top``
+    more for that). The slots are picked first and copied once."""
     import torch
 
-    rnd_ctx = rnd["ctx"]
+    cat, best = merge_order(states, k)
+    rnd_ctx = cat["ctx"].gather(1, best).masked_fill(cat["keys"].gather(1, best) == EMPTY, -1)
     clash = (rnd_ctx[:, :, None] == top_ctx[:, None, :]).any(-1) | (rnd_ctx < 0)
     pick = torch.sort(clash.to(torch.int8), dim=1, stable=True).indices[:, :n_random]
-    ctx = rnd_ctx.gather(1, pick)
+    out = gather_slots(cat, best.gather(1, pick))
     gone = clash.gather(1, pick)
-    ctx[gone] = -1
-    acts = take_slots(rnd["acts"], pick).masked_fill(gone[..., None], 0.0)
-    tokens = take_slots(rnd["tokens"], pick).masked_fill(gone[..., None], 0)
-    return {"random_ctx": ctx, "random_acts": acts, "random_tokens": tokens}
+    if gone.any():
+        out["ctx"][gone] = -1
+        out["acts"][gone] = 0.0
+        out["tokens"][gone] = 0
+    return {"random_ctx": out["ctx"], "random_acts": out["acts"], "random_tokens": out["tokens"]}
 
 
 def finish_units(cfg: Any, states: list[dict[str, Any]]) -> dict[str, Any]:
@@ -53,8 +65,8 @@ def finish_units(cfg: Any, states: list[dict[str, Any]]) -> dict[str, Any]:
 
     n_units = int(states[0]["hist"].shape[0])
     out = split_groups(merge_states([s["top"] for s in states], cfg.n_top), n_units, "top")
-    rnd = merge_states([s["random"] for s in states], cfg.n_top + cfg.n_random)
-    out.update(pick_random(rnd, out["top_ctx"], cfg.n_random))
+    out.update(pick_random([s["random"] for s in states], cfg.n_top + cfg.n_random,
+                           out["top_ctx"], cfg.n_random))
     bins = merge_states([s["bins"] for s in states], cfg.n_quantile)
     out.update(split_groups(bins, n_units, *(f"q{i}" for i in range(N_BINS))))
     moments = merge_moments(states, n_units).finished()
