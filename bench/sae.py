@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heldout-tokens", type=int, default=16_384)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads of every trainer")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc thresholds as they are in every trainer (by "
+                        "default every trainer keeps freed memory, as train-sae does)")
     p.add_argument("--repeats", type=int, default=1,
                    help="run every trainer this many times, interleaved; tokens/s reported "
                         "as median and best")
@@ -323,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = {"acts": str(acts), "n_latents": args.n_latents, "k": args.k,
             "batch_size": args.batch_size, "steps": args.steps,
             "warmup_steps": args.warmup_steps, "lr": args.lr, "seed": args.seed,
-            "threads": args.threads}
+            "threads": args.threads, "keep_freed_memory": not args.default_malloc}
 
     print(f"fp32 matmul peak ({args.threads} threads) ...", file=sys.stderr)
     peak = matmul_gflops(2048, 2048, 2048, args.threads)
@@ -370,6 +373,10 @@ def main(argv: list[str] | None = None) -> None:
                        "3e-4 constant; neuroscribe 2e-4/sqrt(n/2^14). The default --lr 4e-4 "
                        "is that rule at 4096 latents, used by all without schedule",
             "seed": args.seed, "threads": args.threads, "repeats": args.repeats,
+            "malloc": ("glibc's defaults in every trainer" if args.default_malloc else
+                       "every trainer, neuroscribe or not, with glibc's mmap threshold 32 MiB "
+                       "and trim threshold 1 GiB (what train-sae sets: "
+                       "neuroscribe/sae/memory.py)"),
             "batches": "the same shuffled training tokens cut into consecutive batches, same "
                        "order for all; each trains warmup_steps + steps batches",
             "fvu": "sum((x - x_hat)^2) / sum((x - mean(x))^2) over the held-out tokens (later "

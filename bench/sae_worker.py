@@ -255,8 +255,20 @@ DISTS = {"neuroscribe": "neuroscribe", "neuroscribe-bf16": "neuroscribe",
          "sparsify-signum": "eai-sparsify", "saelens": "sae-lens"}
 
 
+def keep_freed_memory() -> None:
+    """As neuroscribe/sae/memory.py (which train-sae calls), for every library alike; written
+    out here because this worker imports nothing from neuroscribe for the others."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+
+
 def run_train(lib: str, spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    if spec.get("keep_freed_memory"):
+        keep_freed_memory()
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     train, heldout = load_acts(spec["acts"])

@@ -78,7 +78,9 @@ def train_sae_command(acts: ActsConfig, cfg: TrainSaeConfig, out: Path,
     SAEs this process reports: all of its own with --distribute-hookpoints, else the one SAE
     on rank 0 and nothing on the others."""
     from neuroscribe.sae.eval import train_sae_stage
+    from neuroscribe.sae.memory import keep_freed_memory
 
+    keep_freed_memory()
     with session(cfg.device) as (comm, device):
         cfg = replace(cfg, device=device)
         if acts.distribute_hookpoints:
