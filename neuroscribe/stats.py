@@ -273,8 +273,8 @@ class Moments:
     """Streaming mean, variance, skewness and kurtosis per unit (Pebay's pairwise update).
 
     Each batch's central sums are taken in torch (``batch``), then merged into the running
-    float64 state (``merge``); ``update`` does both. A float32 batch is summed in float32 about
-    a shift near its mean (``_batch32``, one pass over the batch), any other in float64.
+    float64 state (``merge``); ``update`` does both. A float32 (or bf16, fp16) batch is summed
+    in float32 about a shift near its mean (``_batch32``, one pass), any other in float64.
     """
 
     def __init__(self, n_units: int) -> None:
@@ -295,7 +295,7 @@ class Moments:
         import torch
 
         x = torch.as_tensor(x)
-        if x.dtype == torch.float32 and len(x):
+        if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and len(x):
             sums = self._batch32(x)
             if sums is not None:
                 return sums
@@ -333,7 +333,7 @@ class Moments:
         import torch
 
         nb, n_units = x.shape
-        shift = torch.from_numpy(self.mean).float() if self.n else x[:64].median(0).values
+        shift = torch.from_numpy(self.mean).float() if self.n else x[:64].median(0).values.float()
         s = torch.zeros((4, n_units), dtype=torch.float64)
         for c in x.split(max(1, BLOCK32 // max(n_units, 1))):
             y = torch.sub(c, shift, out=scratch(self._bufs, "y", c.shape, torch.float32))

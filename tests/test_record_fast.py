@@ -114,3 +114,26 @@ def test_finishing_without_copies_leaves_the_store_as_it_was() -> None:
     assert fast.keys() == slow.keys()
     for k in fast:
         torch.testing.assert_close(fast[k], slow[k], rtol=0, atol=0, equal_nan=True, msg=k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_batches_record_as_their_float32_widening(dtype: torch.dtype) -> None:
+    """A bf16/fp16 subject's activations are not copied to float32 first; every statistic
+    widens them where it reads them, which is exact: the records equal those of the float32
+    copy, byte for byte."""
+    cfg = RecordConfig(n_top=3, n_random=2, n_quantile=2, quantile_warmup=8, ctx_len=4,
+                       n_hist_bins=5, seed=1)
+    g = torch.Generator().manual_seed(5)
+    half, wide = UnitRecorder("h", 3, cfg), UnitRecorder("h", 3, cfg)
+    for step in range(5):
+        acts = (torch.randn(4, 4, 3, generator=g) * 3 + 1).to(dtype)
+        acts[0, 0, 0] = 1.0 + 2.0 ** -7  # lo + 1 must not round in half precision
+        tokens = torch.randint(0, 9, (4, 4), generator=g, dtype=torch.int32)
+        ctx = torch.arange(step * 4, step * 4 + 4)
+        half.update(acts, tokens, ctx)
+        wide.update(acts.float(), tokens, ctx)
+    got, want = half.finished(), wide.finished()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype, k
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, equal_nan=True, msg=k)

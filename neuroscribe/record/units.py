@@ -65,7 +65,9 @@ class UnitRecorder:
     def update(self, acts: Any, tokens: Any, ctx: Any, shard: int = 0) -> None:
         import torch
 
-        acts = acts.detach().to("cpu", torch.float32)
+        acts = acts.detach().to("cpu")
+        if acts.dtype not in (torch.bfloat16, torch.float16):  # those widen exactly where used
+            acts = acts.float()
         moments = self.moments.setdefault(shard, Moments(self.n_units))
         sums = moments.batch(acts.reshape(-1, self.n_units))
         if not np.isfinite(sums[1]).all():  # any NaN/Inf makes its unit's batch mean non-finite
@@ -101,9 +103,9 @@ class UnitRecorder:
         if self.boundaries is not None or not self.warm:
             return
         n = self.cfg.quantile_warmup
-        maxima = torch.cat([w[3] for w in self.warm])[:n]  # [N, U]
+        maxima = torch.cat([w[3] for w in self.warm])[:n].float()  # [N, U]
         boundaries = quantiles(maxima.T.contiguous(), QUANTILES).float()  # [U, Q]
-        lo = torch.cat([w[0].amin(dim=1) for w in self.warm])[:n].amin(0)
+        lo = torch.cat([w[0].amin(dim=1) for w in self.warm])[:n].amin(0).float()
         hi = maxima.amax(0)
         hi = torch.where(hi > lo, hi, lo + 1)
         steps = torch.linspace(0, 1, self.cfg.n_hist_bins + 1)
