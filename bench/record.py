@@ -172,7 +172,7 @@ def breakdown(bench: Bench) -> dict[str, float]:
         return "top-k store: other"
 
     wrap(Bench, "forward", "forward pass")
-    wrap(Moments, "batch", "moments: batch sums (float64)")
+    wrap(Moments, "batch", "moments: batch sums")
     wrap(Moments, "merge", "moments: merge")
     wrap(TopK, "update_rows", store_name)
     wrap(UnitRecorder, "_histogram", "histogram")

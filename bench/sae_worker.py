@@ -256,13 +256,16 @@ DISTS = {"neuroscribe": "neuroscribe", "neuroscribe-bf16": "neuroscribe",
 
 
 def keep_freed_memory() -> None:
-    """As neuroscribe/sae/memory.py (which train-sae calls), for every library alike; written
-    out here because this worker imports nothing from neuroscribe for the others."""
-    import ctypes
+    """neuroscribe/sae/memory.py's setting (which train-sae makes), for every library alike:
+    that file is loaded by its path, since the other libraries' venvs have no neuroscribe."""
+    import importlib.util
 
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    path = Path(__file__).resolve().parents[1] / "neuroscribe" / "sae" / "memory.py"
+    spec = importlib.util.spec_from_file_location("neuroscribe_sae_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not module.keep_freed_memory():
+        raise SystemExit("keep_freed_memory: not glibc here; rerun with --default-malloc")
 
 
 def run_train(lib: str, spec_path: str, out_path: str) -> None:

@@ -43,6 +43,37 @@ def test_float32_moments_match_float64_on_the_same_values() -> None:
         np.testing.assert_allclose(got[key], want[key], rtol=2e-5, atol=1e-6, err_msg=key)
 
 
+def test_float32_moments_hand_computed() -> None:
+    # x = [1, 1, 1, 5]: the shift is the first rows' (lower) median, 1, so y = [0, 0, 0, 4]:
+    # s1 = 4, s2 = 16, s3 = 64, s4 = 256, n = 4, mu = s1 / n = 1, mean = 1 + 1 = 2.
+    # m2 = s2 - s1 mu = 12; m3 = s3 - 3 mu s2 + 2 n mu^3 = 64 - 48 + 8 = 24;
+    # m4 = s4 - 4 mu s3 + 6 mu^2 s2 - 3 n mu^4 = 256 - 256 + 96 - 12 = 84
+    # (the deviations from 2 are [-1, -1, -1, 3]: 12, 24 and 84 directly).
+    m = Moments(1)
+    n, mean, m2, m3, m4 = m._batch32(torch.tensor([[1.0], [1.0], [1.0], [5.0]]))
+    assert (n, mean[0], m2[0], m3[0], m4[0]) == (4, 2.0, 12.0, 24.0, 84.0)
+    # a second batch [2, 2] shifts by the running mean 2: y = [0, 0], all sums 0
+    m.merge(n, mean, m2, m3, m4)
+    m.update(torch.tensor([[2.0], [2.0]]))
+    out = m.finished()  # x = [1, 1, 1, 5, 2, 2]: mean 2, deviations [-1, -1, -1, 3, 0, 0]
+    assert out["mean"][0] == 2.0 and out["variance"][0] == 2.0  # 12 / 6
+    assert out["skewness"][0] == pytest.approx((24 / 6) / 2**1.5, abs=1e-12)
+    assert out["kurtosis"][0] == pytest.approx((84 / 6) / 4 - 3, abs=1e-12)
+
+
+def test_histogram_bins_hand_computed() -> None:
+    # edges 0..4 in 4 bins of width 1; below and above the range go to the end bins
+    cfg = RecordConfig(n_hist_bins=4, ctx_len=1)
+    rec = UnitRecorder("h", 2, cfg)
+    rec.boundaries = torch.zeros(2, len(QUANTILES))
+    rec.hist_edges = torch.stack([torch.linspace(0, 4, 5), torch.linspace(-2, 2, 5)])
+    x = torch.tensor([[-1.0, -3.0], [0.0, -2.0], [0.5, -1.0], [1.0, 0.5], [3.99, 1.99],
+                      [4.0, 2.0], [10.0, 9.0]])
+    rec._histogram(x)
+    assert rec.hist.tolist() == [[3, 1, 0, 3],  # -1, 0, 0.5 | 1 | 3.99, 4, 10
+                                 [2, 1, 1, 3]]  # -3, -2 | -1 | 0.5 | 1.99, 2, 9
+
+
 def test_float32_moments_of_a_constant_unit_have_exactly_zero_spread() -> None:
     m = Moments(2)
     m.update(torch.tensor([[0.1, 1.0], [0.1, 2.0], [0.1, 4.0]]))
@@ -137,3 +168,40 @@ def test_half_precision_batches_record_as_their_float32_widening(dtype: torch.dt
     for k in want:
         assert got[k].dtype == want[k].dtype, k
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, equal_nan=True, msg=k)
+
+
+@pytest.mark.integration
+def test_fast_paths_on_real_smollm2_activations() -> None:
+    """The real model's layer-3 MLP activations (SmolLM2-135M GGUF, real tokenizer): the
+    float32 moments agree with float64 ones on the same values, and the transposed gather
+    with the strided one."""
+    import neuroscribe.models as models
+
+    try:
+        models.default_model_path()
+    except Exception as e:  # noqa: BLE001 - the model package is an optional install
+        pytest.skip(str(e))
+    subject = models.load_subject("smollm2")
+    hp = models.resolve_hookpoints(subject.model, ["model.layers.3.mlp.act_fn"])
+    text = " ".join(["To be, or not to be, that is the question:"] * 200)
+    ids = torch.tensor(subject.tokenizer(text)["input_ids"][:8 * 64]).view(8, 64)
+    with models.capture(subject.model, hp) as store, torch.inference_mode():
+        acts = models.run_to_hooks(subject.model, ids, store)[hp[0]].float()
+    x = acts.reshape(-1, acts.shape[-1])
+    fast = Moments(x.shape[1])
+    for b in x.split(128):
+        fast.update(b)
+    got, want = fast.finished(), f64_moments(list(x.split(128)))
+    std = np.sqrt(want["variance"])
+    assert std.max() > 0
+    np.testing.assert_allclose(got["mean"], want["mean"], rtol=0, atol=1e-6 * std.max())
+    live = want["variance"] > 1e-8 * want["variance"].max()
+    for key in ("variance", "skewness", "kurtosis"):
+        np.testing.assert_allclose(got[key][live], want[key][live], rtol=1e-4, atol=1e-5,
+                                   err_msg=key)
+    plain, quick = TopK(x.shape[1], 4, 64), TopK(x.shape[1], 4, 64)
+    keys = float_keys(acts.amax(1), torch.arange(8))
+    tokens = ids.to(torch.int32)
+    plain.update(keys, acts, tokens, torch.arange(8))
+    quick.update(keys, acts, tokens, torch.arange(8), acts.transpose(1, 2).contiguous())
+    assert torch.equal(plain.acts, quick.acts) and plain.acts.abs().sum() > 0

@@ -34,7 +34,7 @@ class UnitRecorder:
     the records do not depend on batching or on how contexts are split across ranks:
     ``state`` gives plain tensors and ``merge.finish_units`` merges any number of them.
 
-    Per batch this costs a few whole-batch passes (float64 moments, histogram bins, context
+    Per batch this costs a few whole-batch passes (float32 moments, histogram bins, context
     maxima) plus top-k merges over [units, k + batch] keys (bench/record.py measures it).
     """
 

@@ -4,8 +4,8 @@ Each step of ``train-sae`` allocates and frees tensors of tens of MiB (the dense
 ``W_enc`` and ``W_dec``, their temporaries). glibc serves blocks that large with ``mmap`` and
 returns them to the kernel when freed, so every step faults its memory in again, page by page:
 under a hypervisor a 25 MiB tensor costs tens of ms that way. Raising glibc's mmap and trim
-thresholds keeps such blocks on the heap. Measured here (2 cores, d_in 1536, 4096 latents,
-k 32, batch 1024): about +10 % tokens/s in fp32 and bf16 (docs/benchmarks.md).
+thresholds keeps such blocks on the heap. Measured with bench/sae.py (2 cores, d_in 1536, 4096
+latents, k 32, batch 1024): +7 % tokens/s in fp32, +17 % in bf16 (docs/benchmarks.md).
 
 Process-wide, so only ``train-sae`` turns it on (``launch.train_sae_command``), not an import.
 """
