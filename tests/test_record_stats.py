@@ -13,8 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neuroscribe.errors import UserError
+from neuroscribe.record import units
 from neuroscribe.record.core import QUANTILES, RecordConfig, UnitRecorder
-from neuroscribe.stats import Moments, TopK, float_keys
+from neuroscribe.record.moments import Moments
+from neuroscribe.stats import TopK, float_keys
+
+
+@pytest.fixture(autouse=True, params=[1, 10, 128], ids=lambda h: f"hold{h}")
+def hold(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test runs with batches recorded as they come, partly held back, and all held
+    back (``units.HOLD_CONTEXTS``)."""
+    monkeypatch.setattr(units, "HOLD_CONTEXTS", request.param)
 
 # ---------------------------------------------------------------- Moments
 
@@ -301,8 +310,11 @@ def test_recorder_non_finite_names_unit(bad: float) -> None:
     acts = torch.zeros(4, CFG.ctx_len, U)
     acts[1, 2, 2] = bad
     ctx = torch.arange(40, 44)
+    tokens = torch.zeros(4, CFG.ctx_len, dtype=torch.int32)
+    rec.update(torch.ones(4, CFG.ctx_len, U), tokens, torch.arange(4))  # held back with it
     with pytest.raises(UserError, match=r"model\.layers\.3\.mlp unit 2, context 41, position 2"):
-        rec.update(acts, torch.zeros(4, CFG.ctx_len, dtype=torch.int32), ctx)
+        rec.update(acts, tokens, ctx)
+        rec.flush()  # the held batches are recorded here at the latest
 
 
 # ---------------------------------------------------------------- quantile bins: coverage, keys

@@ -25,12 +25,12 @@ import numpy as np
 
 from neuroscribe.errors import UserError
 from neuroscribe.record.latent_cache import LatentCache, TensorFile
+from neuroscribe.record.moments import Moments
 from neuroscribe.stats import (
     BIN_STREAM,
     EMPTY,
     QUANTILES,
     VACANT,
-    Moments,
     bin_keys,
     float_keys,
     random_keys,

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from neuroscribe.record.moments import Moments
 from neuroscribe.stats import (
     EMPTY,
     QUANTILES,
-    Moments,
     gather_slots,
     merge_order,
     merge_states,

@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 
 from neuroscribe.errors import UserError
+from neuroscribe.record.moments import Moments
 from neuroscribe.stats import (
     BIN_STREAM,
     QUANTILES,
-    Moments,
+    Part,
     TopK,
     bin_keys,
     float_keys,
@@ -25,6 +26,11 @@ from neuroscribe.stats import (
 )
 
 RANDOM_STREAM = "random-sample"  # the random sample's keys (BIN_STREAM: the bins')
+# ``update`` holds batches back from the top-k stores until it has this many contexts, or
+# this many bytes of activations: a store's merge has a mostly fixed cost per call (at 128
+# contexts of 64 tokens, half that of 32 per context: bench/record.py --batch-size).
+HOLD_CONTEXTS = 128
+HOLD_BYTES = 64 << 20
 
 
 class UnitRecorder:
@@ -34,8 +40,9 @@ class UnitRecorder:
     the records do not depend on batching or on how contexts are split across ranks:
     ``state`` gives plain tensors and ``merge.finish_units`` merges any number of them.
 
-    Per batch this costs a few whole-batch passes (float32 moments, histogram bins, context
-    maxima) plus top-k merges over [units, k + batch] keys (bench/record.py measures it).
+    Per batch this costs one pass each for the moments, the histogram and the context maxima,
+    and per group of held batches (``flush``) top-k merges over [units, k + contexts] keys
+    (bench/record.py measures it).
     """
 
     sparse = False  # SAE latents: ``latents.LatentRecorder``
@@ -61,8 +68,16 @@ class UnitRecorder:
         self.hist = torch.zeros((n_units, cfg.n_hist_bins), dtype=torch.int64)
         self._hist_offsets = torch.arange(n_units, dtype=torch.int32) * cfg.n_hist_bins
         self._bufs: dict[str, Any] = {}  # scratch buffers, reused batch after batch
+        self._held: list[tuple[Part, Any, Any, Any]] = []  # not yet in the stores
+        self._held_contexts = self._held_bytes = 0
 
     def update(self, acts: Any, tokens: Any, ctx: Any, shard: int = 0) -> None:
+        """acts [B, T, U], tokens [B, T], global context ids ctx [B], in ``shard``.
+
+        The moments and histogram take the batch at once, while it is in cache; the top-k
+        stores take batches in groups of at least ``HOLD_CONTEXTS`` contexts (``flush``).
+        ``state`` and ``fix_boundaries`` flush first.
+        """
         import torch
 
         acts = acts.detach().to("cpu")
@@ -74,38 +89,58 @@ class UnitRecorder:
             bad = (~torch.isfinite(acts)).nonzero()[0].tolist()
             raise UserError(f"non-finite activation (NaN/Inf) at {self.hookpoint} unit {bad[2]}, "
                             f"context {int(ctx[bad[0]])}, position {bad[1]}")
-        if self.boundaries is not None:  # while the batch is still in cache
+        moments.merge(*sums)
+        counted = self.boundaries is not None
+        if counted:
             self._histogram(acts.reshape(-1, self.n_units))
-        ctx_max = acts.amax(dim=1)
         # Early on most slots change; copying the batch to [B, U, T] once is then cheaper
         # than the stores' strided gathers (about 3 ms against 0.1 us a slot, per store).
-        acts_t = (acts.transpose(1, 2).contiguous()
-                  if self.n_seen < 2 * (self.cfg.n_top + self.cfg.n_random) else None)
-        self.n_seen += acts.shape[0]
-        self.top.update(float_keys(ctx_max, ctx), acts, tokens, ctx, acts_t)
-        self.random.update(random_keys(self.seeds[0], ctx, self.n_units), acts, tokens, ctx,
-                           acts_t)
+        early = self.n_seen + self._held_contexts < 2 * (self.cfg.n_top + self.cfg.n_random)
+        part = Part(acts, acts.transpose(1, 2).contiguous() if early else None, counted)
+        self._held.append((part, tokens, ctx, acts.amax(dim=1)))
+        self._held_contexts += acts.shape[0]
+        self._held_bytes += acts.numel() * acts.element_size()
+        if self._held_contexts >= HOLD_CONTEXTS or self._held_bytes >= HOLD_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """The held batches into the top-k stores, as one batch: a store's cost per call is
+        mostly fixed, and its records do not depend on the batching."""
+        import torch
+
+        held, self._held = self._held, []
+        self._held_contexts = self._held_bytes = 0
+        if not held:
+            return
+        parts = [h[0] for h in held]
+        tokens, ctx, ctx_max = (torch.cat([h[i] for h in held]) if len(held) > 1 else held[0][i]
+                                for i in (1, 2, 3))
+        self.n_seen += len(ctx)
+        self.top.update(float_keys(ctx_max, ctx), parts, tokens, ctx)
+        self.random.update(random_keys(self.seeds[0], ctx, self.n_units), parts, tokens, ctx)
         keys = random_keys(self.seeds[1], ctx, self.n_units)  # the bins' own
-        moments.merge(*sums)
         if self.boundaries is None:
-            self.warm.append((acts, tokens, ctx, ctx_max, keys))
-            self.n_warm += acts.shape[0]
+            self.warm.append((parts, tokens, ctx, ctx_max, keys))
+            self.n_warm += len(ctx)
             if self.n_warm >= self.cfg.quantile_warmup:
                 self.fix_boundaries()
         else:
-            self._bin_samples(acts, tokens, ctx, ctx_max, keys)
+            self._count(parts)
+            self._bin_samples(parts, tokens, ctx, ctx_max, keys)
 
     def fix_boundaries(self) -> None:
         """Quantile boundaries and histogram edges from the first ``quantile_warmup`` contexts
         (all, if fewer); then what the buffered batches could not do without them."""
         import torch
 
+        if self.boundaries is None:
+            self.flush()
         if self.boundaries is not None or not self.warm:
             return
         n = self.cfg.quantile_warmup
         maxima = torch.cat([w[3] for w in self.warm])[:n].float()  # [N, U]
         boundaries = quantiles(maxima.T.contiguous(), QUANTILES).float()  # [U, Q]
-        lo = torch.cat([w[0].amin(dim=1) for w in self.warm])[:n].amin(0).float()
+        lo = torch.cat([p.acts.amin(dim=1) for w in self.warm for p in w[0]])[:n].amin(0).float()
         hi = maxima.amax(0)
         hi = torch.where(hi > lo, hi, lo + 1)
         steps = torch.linspace(0, 1, self.cfg.n_hist_bins + 1)
@@ -116,25 +151,38 @@ class UnitRecorder:
     def set_boundaries(self, boundaries: Any, edges: Any) -> None:
         """Use these boundaries and edges (another rank's, or a checkpoint's)."""
         self.boundaries, self.hist_edges = boundaries, edges
+        lo, hi = edges[:, 0].float(), edges[:, -1].float()
+        scale = self.cfg.n_hist_bins / (hi - lo)
+        self._hist_scale = (scale, -lo * scale)
         warm, self.warm = self.warm, []
         for w in warm:
-            self._histogram(w[0].reshape(-1, self.n_units))
+            self._count(w[0])
             self._bin_samples(*w)
 
-    def _bin_samples(self, acts: Any, tokens: Any, ctx: Any, ctx_max: Any, keys: Any) -> None:
+    def _count(self, parts: list[Part]) -> None:
+        """Count into the histogram the batches not yet counted (those before the edges)."""
+        for p in parts:
+            if not p.counted:
+                self._histogram(p.acts.reshape(-1, self.n_units))
+                p.counted = True
+
+    def _bin_samples(self, parts: list[Part], tokens: Any, ctx: Any, ctx_max: Any,
+                     keys: Any) -> None:
         """The random samples per quantile bin: a context's key competes only in its bin (the
         first and last bins open-ended: every context is in one)."""
-        self.bins.update_rows(bin_keys(self.boundaries, ctx_max, keys), acts, tokens, ctx)
+        self.bins.update_rows(bin_keys(self.boundaries, ctx_max, keys), parts, tokens, ctx)
 
     def _histogram(self, x: Any) -> None:
         """Count x [N, U] into the bins; values outside the warm-up range go to the end bins."""
         import torch
 
-        lo, hi = self.hist_edges[:, 0], self.hist_edges[:, -1]
+        from neuroscribe.record import kernels
+
         nb = self.cfg.n_hist_bins
-        scale = nb / (hi - lo)  # (x - lo) * scale, as one fused pass
-        pos = torch.addcmul(-lo * scale, x, scale,
-                            out=scratch(self._bufs, "pos", x.shape, torch.float32))
+        scale, bias = self._hist_scale  # bin of x: floor(x * scale + bias), clamped
+        if kernels.histogram(x, scale, bias, self.hist):
+            return
+        pos = torch.addcmul(bias, x, scale, out=scratch(self._bufs, "pos", x.shape, torch.float32))
         # Clamping before the int conversion (which truncates) is flooring, then clamping.
         idx = scratch(self._bufs, "idx", x.shape, torch.int32).copy_(pos.clamp_(0, nb - 1))
         idx += self._hist_offsets  # unit u counts into bins [u * nb, (u + 1) * nb)
@@ -146,6 +194,7 @@ class UnitRecorder:
         ``copy=False`` for that only: see ``TopK.state``)."""
         from neuroscribe.record.merge import moments_state
 
+        self.flush()
         self.fix_boundaries()
         return {"top": self.top.state(copy), "random": self.random.state(copy),
                 "bins": self.bins.state(copy), "hist": self.hist.clone(),

@@ -1,0 +1,95 @@
+"""``UnitRecorder.update`` holds small batches back and records them as one: the records are
+those of recording every batch as it comes, and nothing held is lost at a shard's end, a
+checkpoint or the finish."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neuroscribe.record import units
+from neuroscribe.record.core import RecordConfig
+from neuroscribe.record.units import UnitRecorder
+
+CFG = RecordConfig(n_top=3, n_random=2, n_quantile=2, quantile_warmup=12, ctx_len=4,
+                   n_hist_bins=6, seed=7)
+SIZES = [5, 3, 8, 1, 6, 9, 4]  # 36 contexts; the warm-up ends inside a batch
+
+
+def batches(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out, start = [], 0
+    for b in SIZES:
+        out.append((torch.randn(b, 4, 3, generator=g) * torch.tensor([1.0, 2.0, 0.5]),
+                    torch.randint(0, 50, (b, 4), generator=g, dtype=torch.int32),
+                    torch.arange(start, start + b)))
+        start += b
+    return out
+
+
+def record(hold: int, monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
+    monkeypatch.setattr(units, "HOLD_CONTEXTS", hold)
+    rec = UnitRecorder("h", 3, CFG)
+    for acts, tokens, ctx in batches():
+        rec.update(acts, tokens, ctx)
+    return rec.finished()
+
+
+@pytest.mark.parametrize("hold", [2, 10, 1000])
+def test_held_batches_give_the_records_of_batch_by_batch(
+        hold: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    want, got = record(1, monkeypatch), record(hold, monkeypatch)
+    assert got.keys() == want.keys()
+    moments = {"mean", "variance", "skewness", "kurtosis"}  # sums over other batches: rounding
+    for k in want:
+        if k in moments:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+        else:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, equal_nan=True, msg=k)
+
+
+def test_batches_are_held_until_enough_contexts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(units, "HOLD_CONTEXTS", 10)
+    rec = UnitRecorder("h", 3, CFG)
+    (a0, t0, c0), (a1, t1, c1), (a2, t2, c2) = batches()[:3]
+    rec.update(a0, t0, c0)
+    rec.update(a1, t1, c1)
+    assert rec.n_seen == 0 and rec.moments[0].n == 8 * 4  # stores: held; moments: at once
+    assert int((rec.top.ctx >= 0).sum()) == 0
+    rec.update(a2, t2, c2)
+    assert rec.n_seen == 16 and int((rec.top.ctx >= 0).sum()) == 3 * 3  # k 3 of 3 units
+
+
+def test_a_batch_over_the_byte_limit_is_not_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(units, "HOLD_BYTES", 5 * 4 * 3 * 4)  # 5 contexts of float32
+    rec = UnitRecorder("h", 3, CFG)
+    acts, tokens, ctx = batches()[0]  # 5 contexts
+    rec.update(acts, tokens, ctx)
+    assert rec.n_seen == 5
+
+
+def test_a_checkpoint_mid_run_records_what_is_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    want = record(1, monkeypatch)
+    monkeypatch.setattr(units, "HOLD_CONTEXTS", 1000)
+    rec = UnitRecorder("h", 3, CFG)
+    bs = batches()
+    for i, b in enumerate(bs):
+        rec.update(*b, shard=i // 3)
+        if i in (3, 5):  # past the warm-up, as a checkpoint at the end of a shard is
+            st = rec.state()
+            assert int(st["hist"].sum()) == sum(SIZES[:i + 1]) * 4 * 3
+            assert rec.n_seen == sum(SIZES[:i + 1])
+    got = rec.finished()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, equal_nan=True, msg=k)
+
+
+def test_the_finish_records_what_is_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(units, "HOLD_CONTEXTS", 1000)
+    rec = UnitRecorder("h", 3, CFG)
+    acts, tokens, ctx = batches()[0]
+    rec.update(acts, tokens, ctx)
+    out = rec.finished()
+    top = acts.amax(1).argmax(0)  # each unit's best context
+    assert out["top_ctx"][:, 0].tolist() == top.tolist()
+    assert int(out["hist_counts"].sum()) == acts.numel()
