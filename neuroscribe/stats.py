@@ -1,9 +1,9 @@
 """Streaming per-unit statistics: a vectorised top-k of contexts and its keys (the moments:
 ``record.moments``).
 
-Both take one batch at a time and keep memory bounded by units x k, never by corpus length.
-They run on every batch of ``record``, so the per-batch work is a handful of whole-batch
-tensor passes; everything else touches only [units, k + batch]-sized tensors.
+The top-k takes one group of batches at a time and keeps memory bounded by units x k, never
+by corpus length: it touches [units, k + batch]-sized keys and copies only the rows of the
+contexts that enter it.
 """
 
 from __future__ import annotations

@@ -286,4 +286,7 @@ def test_kernels_decline_what_they_do_not_take(monkeypatch: pytest.MonkeyPatch) 
     pytest.importorskip("numba")
     assert kernels.power_sums(x.T, np.zeros(4, np.float32)) is None  # not contiguous
     assert kernels.power_sums(x.double(), np.zeros(3, np.float32)) is None
-    assert hist.sum() == 0
+    assert not kernels.histogram(x.double(), torch.ones(3), torch.zeros(3), hist)
+    assert not kernels.histogram(x, torch.ones(3), torch.zeros(3), hist.T.contiguous().T)
+    assert kernels.histogram(x, torch.ones(3), torch.zeros(3), hist)  # this one it takes
+    assert hist[:, 1].tolist() == [4, 4, 4]

@@ -311,10 +311,9 @@ def test_recorder_non_finite_names_unit(bad: float) -> None:
     acts[1, 2, 2] = bad
     ctx = torch.arange(40, 44)
     tokens = torch.zeros(4, CFG.ctx_len, dtype=torch.int32)
-    rec.update(torch.ones(4, CFG.ctx_len, U), tokens, torch.arange(4))  # held back with it
+    rec.update(torch.ones(4, CFG.ctx_len, U), tokens, torch.arange(4))  # a clean batch first
     with pytest.raises(UserError, match=r"model\.layers\.3\.mlp unit 2, context 41, position 2"):
-        rec.update(acts, tokens, ctx)
-        rec.flush()  # the held batches are recorded here at the latest
+        rec.update(acts, tokens, ctx)  # checked at once, though the stores hold it back
 
 
 # ---------------------------------------------------------------- quantile bins: coverage, keys

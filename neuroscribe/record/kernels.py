@@ -1,7 +1,9 @@
 """One-pass CPU kernels (numba) for the two whole-batch steps of ``record``: the power sums
 behind the moments and the histogram counts. Optional (``pip install neuroscribe[fast]``):
 without numba, or for tensors it does not take, ``moments.Moments`` and ``UnitRecorder`` use
-their torch paths, which give the same counts and the same moments to float rounding.
+their torch paths. Those give the same moments to float rounding, and the same counts except
+for a value on a bin edge, which float rounding (torch may fuse the multiply-add) can put in
+either neighbouring bin.
 
 Each kernel splits the units into blocks, one block per task on numba's threads, and reads
 each row of the block once. bf16 comes in as its raw 16 bits and is widened exactly here.
@@ -75,7 +77,7 @@ def _kernels() -> tuple[Any, Any] | None:
                 for j in range(n):  # as torch.addcmul(bias, x, scale), clamped, truncated
                     p = vals[j] * scale[u0 + j]
                     p = p + bias[u0 + j]
-                    p = min(max(p, np.float32(0)), top)
+                    p = min(p if p >= 0 else np.float32(0), top)  # NaN: bin 0
                     idx[j] = np.int32(p) + j * n_bins
                 for j in range(n):
                     h[idx[j]] += 1
@@ -90,7 +92,7 @@ def _raw(x: Any) -> tuple[np.ndarray, bool] | None:
     import numba
     import torch
 
-    if not ENABLED or x.device.type != "cpu" or x.dim() != 2 or not x.is_contiguous():
+    if x.device.type != "cpu" or x.dim() != 2 or not x.is_contiguous():
         return None
     # as many threads as torch uses (fewer, e.g., for several ranks on one machine)
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
@@ -106,7 +108,7 @@ def _raw(x: Any) -> tuple[np.ndarray, bool] | None:
 def power_sums(x: Any, shift: Any) -> np.ndarray | None:
     """float64 [4, U]: the column sums of y, y^2, y^3, y^4 with y = x - shift, all in
     float64, or None where the kernel does not apply."""
-    k = _kernels()
+    k = _kernels() if ENABLED else None
     raw = None if k is None else _raw(x)
     if raw is None:
         return None
@@ -118,7 +120,7 @@ def power_sums(x: Any, shift: Any) -> np.ndarray | None:
 def histogram(x: Any, scale: Any, bias: Any, hist: Any) -> bool:
     """Count x [N, U] into hist [U, bins] (int64, contiguous), bin floor(x * scale + bias)
     clamped to the end bins; False where the kernel does not apply."""
-    k = _kernels()
+    k = _kernels() if ENABLED else None
     raw = None if k is None or not hist.is_contiguous() else _raw(x)
     if raw is None:
         return False

@@ -16,9 +16,10 @@ BLOCK32 = 1 << 22  # elements per block of the float32 path (16 MiB): few, large
 class Moments:
     """Streaming mean, variance, skewness and kurtosis per unit (Pebay's pairwise update).
 
-    Each batch's central sums are taken in torch (``batch``), then merged into the running
+    Each batch's central sums are taken first (``batch``), then merged into the running
     float64 state (``merge``); ``update`` does both. A float32 (or bf16, fp16) batch is summed
-    in float32 about a shift near its mean (``_batch32``, one pass), any other in float64.
+    about a shift near its mean in one pass (``_batch32``): by the numba kernel in float64
+    (``kernels.power_sums``), else by torch in float32; any other dtype in float64.
     """
 
     def __init__(self, n_units: int) -> None:
@@ -61,10 +62,12 @@ class Moments:
 
     def _batch32(self, x: Any) -> tuple[int, np.ndarray, np.ndarray, np.ndarray,
                                         np.ndarray] | None:
-        """``batch`` of a float32 x [N, U] in one pass: per block of rows, float32 sums of the
-        powers of y = x - K, K a float32 shift per unit (the running mean; on the first batch,
-        the first rows' median, an actual value), added up in float64 and made central there.
+        """``batch`` of a float32 x [N, U] in one pass: sums of the powers of y = x - K, K a
+        float32 shift per unit (the running mean; on the first batch, the first rows' median,
+        an actual value), made central in float64.
 
+        With numba (``kernels.power_sums``) every step is in float64. Otherwise torch sums
+        per block of rows in float32, as follows.
         x - K is exact wherever x is within a factor of 2 of K (Sterbenz), so a unit far from
         zero keeps its spread and a constant unit has exactly zero spread; what is lost is the
         float32 rounding of sums over one block of rows (relative ~1e-7). None when a power

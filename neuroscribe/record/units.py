@@ -99,7 +99,7 @@ class UnitRecorder:
         part = Part(acts, acts.transpose(1, 2).contiguous() if early else None, counted)
         self._held.append((part, tokens, ctx, acts.amax(dim=1)))
         self._held_contexts += acts.shape[0]
-        self._held_bytes += acts.numel() * acts.element_size()
+        self._held_bytes += acts.numel() * acts.element_size() * (2 if early else 1)
         if self._held_contexts >= HOLD_CONTEXTS or self._held_bytes >= HOLD_BYTES:
             self.flush()
 
@@ -150,10 +150,16 @@ class UnitRecorder:
 
     def set_boundaries(self, boundaries: Any, edges: Any) -> None:
         """Use these boundaries and edges (another rank's, or a checkpoint's)."""
+        import torch
+
         self.boundaries, self.hist_edges = boundaries, edges
         lo, hi = edges[:, 0].float(), edges[:, -1].float()
         scale = self.cfg.n_hist_bins / (hi - lo)
-        self._hist_scale = (scale, -lo * scale)
+        bias = -lo * scale
+        # A range float32 cannot split (a constant unit at |x| >= 2**24, where lo + 1 == lo):
+        # every value of the unit to bin 0, not inf * 0 = NaN bins.
+        ok = torch.isfinite(scale) & torch.isfinite(bias)
+        self._hist_scale = (torch.where(ok, scale, 0.0), torch.where(ok, bias, 0.0))
         warm, self.warm = self.warm, []
         for w in warm:
             self._count(w[0])
