@@ -211,10 +211,10 @@ def test_half_precision_batches_record_as_their_float32_widening(dtype: torch.dt
 
 
 @pytest.mark.integration
-def test_fast_paths_on_real_smollm2_activations() -> None:
+def test_fast_paths_on_real_smollm2_activations(monkeypatch: pytest.MonkeyPatch) -> None:
     """The real model's layer-3 MLP activations (SmolLM2-135M GGUF, real tokenizer): the
-    float32 moments agree with float64 ones on the same values, and the transposed gather
-    with the strided one."""
+    one-pass moments agree with float64 ones on the same values, the transposed gather with
+    the strided one, and the whole recorder with the numba kernels with the torch paths."""
     import neuroscribe.models as models
 
     try:
@@ -245,6 +245,26 @@ def test_fast_paths_on_real_smollm2_activations() -> None:
     plain.update(keys, acts, tokens, torch.arange(8))
     quick.update(keys, [Part(acts, acts.transpose(1, 2).contiguous())], tokens, torch.arange(8))
     assert torch.equal(plain.acts, quick.acts) and plain.acts.abs().sum() > 0
+    if kernels._kernels() is None:
+        return  # numba is not installed: nothing to compare the torch paths with
+    cfg = RecordConfig(n_top=3, n_random=2, n_quantile=1, quantile_warmup=4, ctx_len=64,
+                       n_hist_bins=64, seed=0)
+    out = {}
+    for numba in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", numba)
+        rec = UnitRecorder("h", acts.shape[-1], cfg)
+        for i in range(0, 8, 2):  # the warm-up ends after the second batch
+            rec.update(acts[i:i + 2], tokens[i:i + 2], torch.arange(i, i + 2))
+        out[numba] = rec.finished()
+    hist, hist_torch = out[True]["hist_counts"], out[False]["hist_counts"]
+    assert int(hist.sum()) == acts.numel() and int((hist > 0).sum(1).min()) > 1
+    # bin edges: a fused multiply-add in torch may put an edge value in the next bin
+    assert int((hist - hist_torch).abs().sum()) <= 2e-4 * acts.numel()
+    for k, v in out[False].items():
+        if k.endswith(("_ctx", "_acts", "_tokens")):
+            assert torch.equal(out[True][k], v), k
+        elif k in ("mean", "variance"):
+            torch.testing.assert_close(out[True][k], v, rtol=1e-4, atol=1e-6, msg=k)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

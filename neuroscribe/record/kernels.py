@@ -29,6 +29,16 @@ def _kernels() -> tuple[Any, Any] | None:
         return None
     from numba import prange
 
+    @numba.njit(inline="always")
+    def load_row(x: Any, r: int, u0: int, n: int, bits: Any, vals: Any, is_bf16: bool) -> None:
+        """Row r, units u0 .. u0 + n, as float32 into vals (bits: the same memory)."""
+        if is_bf16:  # a bf16 is the high 16 bits of the float32 of the same value
+            for j in range(n):
+                bits[j] = np.uint32(np.uint16(x[r, u0 + j])) << np.uint32(16)
+        else:
+            for j in range(n):
+                vals[j] = x[r, u0 + j]
+
     @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def power_sums(x: Any, shift: Any, out: Any, is_bf16: bool) -> None:
         n_rows, n_units = x.shape
@@ -39,12 +49,7 @@ def _kernels() -> tuple[Any, Any] | None:
             bits = np.zeros(BLOCK, np.uint32)
             vals = bits.view(np.float32)
             for r in range(n_rows):
-                if is_bf16:
-                    for j in range(n):
-                        bits[j] = np.uint32(np.uint16(x[r, u0 + j])) << np.uint32(16)
-                else:
-                    for j in range(n):
-                        vals[j] = x[r, u0 + j]
+                load_row(x, r, u0, n, bits, vals, is_bf16)
                 for j in range(n):
                     y = np.float64(vals[j]) - np.float64(shift[u0 + j])
                     y2 = y * y
@@ -68,12 +73,7 @@ def _kernels() -> tuple[Any, Any] | None:
             bits = np.zeros(BLOCK, np.uint32)
             vals = bits.view(np.float32)
             for r in range(n_rows):
-                if is_bf16:
-                    for j in range(n):
-                        bits[j] = np.uint32(np.uint16(x[r, u0 + j])) << np.uint32(16)
-                else:
-                    for j in range(n):
-                        vals[j] = x[r, u0 + j]
+                load_row(x, r, u0, n, bits, vals, is_bf16)
                 for j in range(n):  # as torch.addcmul(bias, x, scale), clamped, truncated
                     p = vals[j] * scale[u0 + j]
                     p = p + bias[u0 + j]

@@ -27,8 +27,9 @@ from neuroscribe.stats import (
 
 RANDOM_STREAM = "random-sample"  # the random sample's keys (BIN_STREAM: the bins')
 # ``update`` holds batches back from the top-k stores until it has this many contexts, or
-# this many bytes of activations: a store's merge has a mostly fixed cost per call (at 128
-# contexts of 64 tokens, half that of 32 per context: bench/record.py --batch-size).
+# this many bytes of activations: part of a store update's cost is per call (bench/record.py:
+# the three stores took 0.38 s per 40,960 tokens at 32 contexts a call, 0.26 s at 128; 256
+# gained nothing more, the rest being copies of the rows that enter a store).
 HOLD_CONTEXTS = 128
 HOLD_BYTES = 64 << 20
 
@@ -104,8 +105,8 @@ class UnitRecorder:
             self.flush()
 
     def flush(self) -> None:
-        """The held batches into the top-k stores, as one batch: a store's cost per call is
-        mostly fixed, and its records do not depend on the batching."""
+        """The held batches into the top-k stores, as one batch (fewer calls; the records do
+        not depend on the batching)."""
         import torch
 
         held, self._held = self._held, []
